@@ -1,0 +1,118 @@
+"""State injection for the RDT: how the loop state ``h`` and the prelude output ``e`` combine
+into the core's input ``u`` at every iteration.
+
+All three forms split into a part computed once per forward from ``e`` (``prepare``) and a cheap
+per-iteration update of ``h`` (``step``), because ``e`` does not change across iterations.
+
+``LTIInjection`` (Parcae) is the default and the reason the loop is stable::
+
+    dt    = softplus(dt_bias)                   per channel, > 0
+    A_bar = exp(-dt * exp(A_log))               per channel, in (0, 1)
+    u     = A_bar * h + dt * (B e)
+
+As a linear time-invariant system in ``h`` its spectral radius is ``max(A_bar)``, which must stay
+below 1 for *every* parameter value -- in the arithmetic that actually runs. In fp32
+``exp(-exp(-20))`` is exactly 1.0 and in bf16 anything above ~0.998 rounds to 1.0, so clamping the
+exponent (the public OpenMythos approach) is not enough. We compute in fp32 through
+``log(dt) + A_log`` (no ``0 * inf``), then clamp ``A_bar <= 1 - eps(dtype)`` where ``dtype`` is the
+dtype the update runs in; ``1 - eps`` is exactly representable there, so the cast keeps it < 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _log_softplus(x: Tensor) -> Tensor:
+    """log(softplus(x)) without underflow: softplus(x) ~ exp(x) for x << 0, so log ~ x there."""
+    return torch.where(x < -15.0, x, torch.log(F.softplus(x.clamp(min=-15.0))))
+
+
+class LTIInjection(nn.Module):
+    """Parcae's stable injection. Parameters: ``A_log [d]``, ``dt_bias [d]``, ``B: d x d``."""
+
+    def __init__(self, d: int, a_bar_init: float) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(d))
+        # with A_log = 0: A_bar = exp(-softplus(dt_bias))  =>  softplus(dt_bias) = -log(a0)
+        dt0 = -math.log(a_bar_init)
+        self.dt_bias = nn.Parameter(torch.full((d,), math.log(math.expm1(dt0))))
+        self.B = nn.Linear(d, d, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.B.weight.copy_(torch.eye(self.B.weight.shape[0]))
+
+    def a_bar(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``A_bar [d]`` in ``dtype`` (default: the module's dtype), guaranteed in [0, 1)."""
+        dtype = dtype or self.A_log.dtype
+        log_rate = _log_softplus(self.dt_bias.float()) + self.A_log.float()
+        a = torch.exp(-torch.exp(log_rate.clamp(max=88.0)))
+        return a.clamp(max=1.0 - torch.finfo(dtype).eps).to(dtype)
+
+    def spectral_radius(self) -> Tensor:
+        """``max(A_bar)`` computed in the module's dtype (the bound the update actually has)."""
+        return self.a_bar().max()
+
+    def prepare(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        dt = torch.exp(_log_softplus(self.dt_bias.float())).to(e.dtype)
+        return self.a_bar(e.dtype), dt * self.B(e)
+
+    def step(self, h: Tensor, ctx: tuple[Tensor, Tensor]) -> Tensor:
+        a_bar, drive = ctx
+        return a_bar * h + drive
+
+
+class AdditiveInjection(nn.Module):
+    """OpenMythos-style ``u = h + e`` (ablation; no stability guarantee: rho = 1)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+
+    def spectral_radius(self) -> Tensor:
+        return torch.tensor(1.0)
+
+    def prepare(self, e: Tensor) -> Tensor:
+        return e
+
+    def step(self, h: Tensor, ctx: Tensor) -> Tensor:
+        return h + ctx
+
+
+class ConcatInjection(nn.Module):
+    """Huginn's adapter ``u = W [h; e]``, stored as ``W_h h + W_e e`` (the same map; ``W_e e`` is
+    computed once). Both halves start at identity, i.e. additive at init."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.h_proj.weight.copy_(torch.eye(self.h_proj.weight.shape[0]))
+            self.e_proj.weight.copy_(torch.eye(self.e_proj.weight.shape[0]))
+
+    @torch.no_grad()
+    def spectral_radius(self) -> Tensor:
+        return torch.linalg.eigvals(self.h_proj.weight.float()).abs().max()
+
+    def prepare(self, e: Tensor) -> Tensor:
+        return self.e_proj(e)
+
+    def step(self, h: Tensor, ctx: Tensor) -> Tensor:
+        return self.h_proj(h) + ctx
+
+
+def build_injection(kind: str, d: int, a_bar_init: float) -> nn.Module:
+    if kind == "lti":
+        return LTIInjection(d, a_bar_init)
+    if kind == "additive":
+        return AdditiveInjection(d)
+    return ConcatInjection(d)

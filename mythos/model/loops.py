@@ -1,0 +1,54 @@
+"""Loop-count sampling for RDT training.
+
+Under data parallelism (and ZeRO-3 in particular, which all-gathers parameters on every core
+call) every rank must run the core the same number of times per step. So the loop counts of the
+*whole global batch* are a pure function of ``(seed, step)``: each rank draws the same vector,
+takes its own slice for its sequences, and runs ``max`` of the full vector iterations -- no
+communication needed, and a resumed run redraws exactly the same counts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mythos.model.config import LoopConfig
+
+_STEP_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates consecutive step seeds
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * _STEP_MIX) % (2**63 - 1))
+    return g
+
+
+def sample_loop_counts(cfg: LoopConfig, seed: int, step: int, global_batch: int) -> torch.Tensor:
+    """Loop counts ``T [global_batch]`` (int64, in ``[1, cfg.max_loops]``) for one training step.
+
+    - ``poisson`` (Parcae): per sequence ``T_i = max(Poisson(mean), 1)``;
+    - ``lognormal_poisson`` (Huginn): one ``T = Poisson(exp(tau)) + 1`` per batch with
+      ``tau ~ N(log(mean) - sigma^2/2, sigma)`` (so ``E[T] ~= mean + 1``);
+    - ``fixed``: ``mean`` for every sequence.
+    """
+    if cfg.schedule == "fixed":
+        return torch.full((global_batch,), int(cfg.mean), dtype=torch.long)
+    g = _generator(seed, step)
+    if cfg.schedule == "poisson":
+        t = torch.poisson(torch.full((global_batch,), float(cfg.mean)), generator=g).long()
+        return t.clamp(1, cfg.max_loops)
+    mu = math.log(cfg.mean) - cfg.lognormal_sigma**2 / 2
+    tau = torch.normal(mu, cfg.lognormal_sigma, (1,), generator=g)
+    t = torch.poisson(tau.exp(), generator=g).long() + 1
+    return t.clamp(1, cfg.max_loops).expand(global_batch).clone()
+
+
+def expected_loops(cfg: LoopConfig, samples: int = 200_000) -> tuple[float, float]:
+    """``(E[T], E[min(T, bwd_depth)])`` under the schedule (Monte Carlo, fixed seed), for FLOPs
+    accounting. ``bwd_depth = 0`` means full backprop, so ``E[k] = E[T]``."""
+    t = sample_loop_counts(cfg, seed=1234, step=0, global_batch=samples).double()
+    if cfg.schedule == "lognormal_poisson":  # one draw per batch: average over many batches
+        t = torch.cat([sample_loop_counts(cfg, 1234, s, 1).double() for s in range(20_000)])
+    k = t if cfg.bwd_depth == 0 else t.clamp(max=cfg.bwd_depth)
+    return float(t.mean()), float(k.mean())

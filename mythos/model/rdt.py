@@ -1,0 +1,265 @@
+"""The Recurrent-Depth Transformer (prelude -> looped core -> coda), Parcae's formulation.
+
+::
+
+    e    = RMSNorm(Prelude(Embed(ids)))            P blocks, once
+    h_0  ~ TruncNormal(0, h0_std)                  zeros in eval mode (the noise mean)
+    u_t  = Inject(h_t, e)                          LTI by default: A_bar*h + dt*(B e)
+    h_t+1= Core(u_t)                               R blocks, weights shared across t
+    y    = Head(Norm(Coda(C h_T)))                 C: d x d readout, then the coda blocks
+
+**Per-sequence loop counts, right-aligned.** In training each sequence i has its own
+``T_i`` (sampled globally from (seed, step), see :mod:`mythos.model.loops`) and the batch runs
+``n = max T`` iterations (the *global* max, so every rank makes the same number of core calls).
+Sequence i is *active* for the last ``T_i`` of them -- it holds ``h_0`` before -- so all
+sequences finish together. Truncated backprop then needs no per-sequence bookkeeping: only the
+last ``bwd_depth`` iterations run with autograd, and each sequence gets gradients through exactly
+``min(T_i, bwd_depth)`` iterations. Activation memory is O(bwd_depth) (O(1) per iteration with
+``checkpoint_loops``), not O(max T). Left-aligned masking (freeze when done) would have to keep
+the graph from the earliest sequence's window to the end. The loop index seen by depth-wise LoRA
+and the loop embedding is each sequence's own iteration number ``t - (n - T_i)``.
+
+**ACT** (optional) weights the states of a position's iterations by its halting probabilities
+(remainder rule, forced remainder at the last iteration), freezes halted positions, and adds a
+ponder cost; in training it never changes how many core calls run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mythos.model.base import CausalLM
+from mythos.model.config import ModelConfig
+from mythos.model.injection import build_injection
+from mythos.model.layers import Block, KVCache, RMSNorm, init_weights
+from mythos.model.loops import sample_loop_counts
+
+
+class _ACTState:
+    """Running ACT accumulators for positions ``[B, S]`` (fp32)."""
+
+    def __init__(self, h: Tensor) -> None:
+        b, s, _ = h.shape
+        self.cum = h.new_zeros(b, s, dtype=torch.float32)
+        self.remainder = h.new_zeros(b, s, dtype=torch.float32)
+        self.n_updates = h.new_zeros(b, s, dtype=torch.float32)
+        self.running = torch.ones(b, s, dtype=torch.bool, device=h.device)
+        self.output = torch.zeros_like(h)
+
+    def update(self, p: Tensor, h_new: Tensor, active: Tensor, last: bool, threshold: float) -> Tensor:
+        """Fold iteration state ``h_new`` in with halting probs ``p [B,S]``; returns the mask of
+        positions that ran this iteration (to freeze the others)."""
+        run = self.running & active
+        halt = run & ((self.cum + p >= threshold) | last)
+        cont = run & ~halt
+        w = torch.where(halt, 1.0 - self.cum, torch.where(cont, p, torch.zeros_like(p)))
+        self.output = self.output + w.unsqueeze(-1).to(h_new.dtype) * h_new
+        self.remainder = torch.where(halt, 1.0 - self.cum, self.remainder)
+        self.cum = self.cum + torch.where(cont, p, torch.zeros_like(p))
+        self.n_updates = self.n_updates + run.float()
+        self.running = self.running & ~halt
+        return run
+
+
+class RDT(CausalLM):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.d_model
+        self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
+        self.prelude_norm = RMSNorm(d, cfg.norm_eps)
+        self.injection = build_injection(cfg.injection, d, cfg.a_bar_init)
+        self.core = nn.ModuleList(Block(cfg, in_core=True) for _ in range(cfg.n_core))
+        self.readout = nn.Linear(d, d, bias=False)  # C
+        self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
+        self.loop_embed = nn.Embedding(cfg.lora.max_iters, d) if cfg.loop_embed else None
+        self.halt = nn.Linear(d, 1) if cfg.act.enabled else None
+        self.loop_seed = 0
+        """Seed for loop counts drawn by the model itself (the trainer passes its own counts)."""
+        self.sample_step = 0
+        init_weights(self, cfg)
+        with torch.no_grad():
+            self.readout.weight.copy_(torch.eye(d))
+            if hasattr(self.injection, "reset_parameters"):
+                self.injection.reset_parameters()
+            if self.loop_embed is not None:
+                self.loop_embed.weight.zero_()
+            if self.halt is not None:
+                self.halt.bias.fill_(cfg.act.halt_bias_init)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def core_layer_offset(self) -> int:
+        return self.cfg.n_prelude
+
+    def spectral_radius(self) -> Tensor:
+        return self.injection.spectral_radius()
+
+    def _resolve_loops(
+        self, batch: int, num_loops: int | None, loop_counts: Tensor | None, n_steps: int | None
+    ) -> tuple[int, Tensor | None]:
+        """-> (iterations to run, per-sequence counts or None when all sequences run them all)."""
+        if loop_counts is not None:
+            counts = loop_counts.detach().to("cpu", torch.long)
+            if counts.shape != (batch,):
+                raise ValueError(f"loop_counts must have shape [{batch}], got {tuple(counts.shape)}")
+            if int(counts.min()) < 1:
+                raise ValueError("loop_counts must be >= 1")
+            n = int(n_steps) if n_steps is not None else int(counts.max())
+            if n < int(counts.max()):
+                raise ValueError(f"n_steps={n} is below the largest loop count {int(counts.max())}")
+            return n, None if bool((counts == n).all()) else loop_counts.to(torch.long)
+        if num_loops is not None:
+            if num_loops < 1:
+                raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+            return int(num_loops), None
+        lc = self.cfg.loops
+        if self.training:
+            counts = sample_loop_counts(lc, self.loop_seed, self.sample_step, batch)
+            self.sample_step += 1
+            return self._resolve_loops(batch, None, counts, None)
+        return int(lc.eval_loops or round(lc.mean)), None
+
+    def _iterate(
+        self,
+        h: Tensor,
+        inj_ctx: object,
+        loop_idx: int | Tensor | None,
+        rope: tuple[Tensor, Tensor],
+        value_embeds: list[Tensor | None],
+        cache: KVCache | None,
+        t: int,
+    ) -> tuple[Tensor, Tensor | None]:
+        """One loop iteration: inject, then the R core blocks. Returns (h_next, MoE aux sum)."""
+        u = self.injection.step(h, inj_ctx)
+        if self.loop_embed is not None:
+            idx = loop_idx if isinstance(loop_idx, Tensor) else torch.tensor(loop_idx, device=u.device)
+            emb = self.loop_embed(idx.clamp(max=self.loop_embed.num_embeddings - 1))
+            u = u + (emb.unsqueeze(-2) if emb.dim() == 2 else emb)
+        lora_idx = loop_idx if self.cfg.lora.rank else None
+        aux_sum: Tensor | None = None
+        off = self.core_layer_offset
+        for j, block in enumerate(self.core):
+            u, aux = block(
+                u, rope, value_embed=value_embeds[j], loop_idx=lora_idx, cache=cache, cache_key=(t, off + j)
+            )
+            if aux is not None:
+                aux_sum = aux if aux_sum is None else aux_sum + aux
+        return u, aux_sum
+
+    def _finish(self, h: Tensor, input_ids: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
+        y = self.readout(h)
+        base = self.cfg.n_prelude + self.cfg.n_core
+        for j, block in enumerate(self.coda):
+            y = self.run_block(block, y, rope, self.value_embed(base + j, input_ids), cache, (-1, base + j))
+        return y
+
+    def _fill_cache(self, cache: KVCache, from_iter: int, to_iter: int, new_len: int) -> None:
+        """After an early stop at ``from_iter``, give the skipped iterations' caches this step's
+        keys/values from the last computed iteration (Huginn's fill-in), so later tokens can
+        attend at every depth."""
+        off = self.core_layer_offset
+        for t in range(from_iter + 1, to_iter):
+            for j in range(self.cfg.n_core):
+                k, v = cache.store[(from_iter, off + j)]
+                cache.update((t, off + j), k[:, :, -new_len:], v[:, :, -new_len:])
+
+    # ------------------------------------------------------------------ trunk
+    def trunk(
+        self,
+        x: Tensor,
+        input_ids: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None,
+        *,
+        num_loops: int | None = None,
+        loop_counts: Tensor | None = None,
+        n_steps: int | None = None,
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """``num_loops``: run every sequence this many iterations. ``loop_counts [B]`` with
+        ``n_steps``: per-sequence counts and the (global) number of iterations to run. Neither:
+        sample in training, ``loops.eval_loops`` in eval."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        for j, block in enumerate(self.prelude):
+            x = self.run_block(block, x, rope, self.value_embed(j, input_ids), cache, (-1, j))
+        e = self.prelude_norm(x)
+        inj_ctx = self.injection.prepare(e)
+        off = self.core_layer_offset
+        ve_core = [self.value_embed(off + j, input_ids) for j in range(cfg.n_core)]
+
+        n, counts = self._resolve_loops(b, num_loops, loop_counts, n_steps)
+        if self.training and cfg.h0 == "noise":
+            h = torch.empty_like(e)
+            nn.init.trunc_normal_(h, std=cfg.h0_std, a=-2 * cfg.h0_std, b=2 * cfg.h0_std)
+        else:
+            h = torch.zeros_like(e)
+        start = None if counts is None else (n - counts).to(x.device)  # first active iteration
+        bwd = cfg.loops.bwd_depth
+        grad_from = n - bwd if (self.training and bwd > 0) else 0
+        outer_grad = torch.is_grad_enabled()
+        act = _ACTState(h) if self.halt is not None else None
+        all_active = torch.ones(b, 1, dtype=torch.bool, device=x.device)
+        aux_terms: list[Tensor] = []
+        exit_kl = cfg.early_exit_kl if (cache is not None and not self.training) else 0.0
+        prev_logp: Tensor | None = None
+        ran = n
+
+        for t in range(n):
+            if start is None:
+                active, loop_idx = all_active, t
+            else:
+                active = (t >= start).unsqueeze(-1)  # [B, 1]
+                loop_idx = (t - start).clamp(min=0)
+            track = outer_grad and t >= grad_from
+            with torch.set_grad_enabled(track):
+                if track and cfg.checkpoint_loops and self.training and cache is None:
+                    h_new, aux = checkpoint(
+                        self._iterate, h, inj_ctx, loop_idx, rope, ve_core, None, t, use_reentrant=False
+                    )
+                else:
+                    h_new, aux = self._iterate(h, inj_ctx, loop_idx, rope, ve_core, cache, t)
+                if aux is not None:
+                    aux_terms.append(aux)
+                if act is not None:
+                    p = torch.sigmoid(self.halt(h_new).squeeze(-1).float())
+                    ran_mask = act.update(p, h_new, active, t == n - 1, cfg.act.threshold)
+                    h = torch.where(ran_mask.unsqueeze(-1), h_new, h)
+                elif start is None:
+                    h = h_new
+                else:
+                    h = torch.where(active.unsqueeze(-1), h_new, h)
+
+            if cache is not None and t < n - 1:  # inference-time early stopping
+                stop = act is not None and not bool(act.running.any())
+                if exit_kl > 0 and not stop:
+                    cache.peek = True
+                    logp = F.log_softmax(self.head(self._finish(h, input_ids, rope, cache))[:, -1].float(), -1)
+                    cache.peek = False
+                    if prev_logp is not None:
+                        kl = F.kl_div(prev_logp, logp, log_target=True, reduction="none").sum(-1)
+                        stop = bool((kl < exit_kl).all())
+                    prev_logp = logp
+                if stop:
+                    self._fill_cache(cache, t, n, s)
+                    ran = t + 1
+                    break
+
+        aux: dict[str, Tensor] = {"loops_run": torch.tensor(float(ran))}
+        aux["loops_mean"] = counts.float().mean().detach() if counts is not None else torch.tensor(float(n))
+        aux_loss: Tensor | None = None
+        if act is not None:
+            h = act.output
+            ponder = (act.n_updates + act.remainder).mean()
+            aux_loss = cfg.act.ponder_weight * ponder
+            aux["ponder"] = ponder.detach()
+            aux["act_steps"] = act.n_updates.mean().detach()
+            aux["act_halt_hist"] = torch.bincount(act.n_updates.detach().long().flatten(), minlength=n + 1)
+        if aux_terms:
+            balance = torch.stack(aux_terms).mean() / cfg.n_core
+            term = cfg.moe.balance_weight * balance
+            aux_loss = term if aux_loss is None else aux_loss + term
+            aux["moe_balance"] = balance.detach()
+        return self._finish(h, input_ids, rope, cache), aux_loss, aux
