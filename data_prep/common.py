@@ -1,0 +1,113 @@
+"""Shared helpers for the data-prep CLIs: one-line errors, atomic writes, hashing, input discovery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+#: Suffixes we know how to read (see :mod:`data_prep.sources`); anything else in a directory is
+#: skipped (so a corpus directory may hold READMEs, licences, checksums, ...).
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz", ".jsonl", ".jsonl.gz", ".text")
+
+_HASH_CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class DataPrepError(Exception):
+    """A user-facing failure. ``str(exc)`` is one line naming the file/key/shard and what to do."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON text (sorted keys, fixed separators): hashes of it are reproducible."""
+    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory + ``os.replace``.
+
+    A crash leaves either the old file or the new one, never a prefix. The temp name starts
+    with '.' and ends with '.tmp' so globs for final artefacts never match it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; final files get the usual mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, canonical_json(obj).encode())
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files named on the command line, with directories expanded recursively in sorted order.
+
+    The order is part of the output's identity (documents are packed in this order), so it must
+    not depend on the file system: directories are walked with sorted names. Explicit files keep
+    the order given. A missing path is an error; a directory without readable files is an error."""
+    if not paths:
+        raise DataPrepError("no --input given (pass one or more files or directories)")
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            found = sorted(
+                (f for f in p.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES)),
+                key=lambda f: f.relative_to(p).as_posix(),
+            )
+            if not found:
+                raise DataPrepError(
+                    f"input directory {p} holds no {'/'.join(TEXT_SUFFIXES)} files (check the path)"
+                )
+            out.extend(found)
+        else:
+            raise DataPrepError(f"input not found: {p} (check the path; nothing was written)")
+    return out
+
+
+def describe_inputs(files: Iterable[Path]) -> list[dict[str, Any]]:
+    """``[{path, bytes, sha256}]`` for a card/manifest (paths as given, not resolved)."""
+    return [{"path": f.as_posix(), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a CLI ``main``; turn :class:`DataPrepError` (and Ctrl-C) into one stderr line + exit code."""
+    try:
+        return main(argv)
+    except DataPrepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted (completed shards are kept; re-run the same command to resume)",
+            file=sys.stderr,
+        )
+        return 130
