@@ -25,15 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from mythos.config import ConfigError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENS_EXT = "tokens.npy"
 SPLITS = ("train", "val")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(ConfigError):
     """A shard directory that does not match its manifest (missing, truncated, corrupt, wrong
-    version). The message is one line naming the shard/file and what to do."""
+    version). The message is one line naming the shard/file and what to do. A subclass of
+    :class:`~mythos.config.ConfigError` so entry points report both the same way."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -119,9 +122,7 @@ def data_hash(raw: dict[str, Any]) -> str:
         "vocab_size": raw["tokenizer"]["vocab_size"],
         "special_ids": {k: raw["tokenizer"][k] for k in ("bos_id", "eos_id", "pad_id")},
         "tokenizer_sha256": raw["tokenizer"]["sha256"],
-        "shards": [
-            [s["name"], s["split"], s["num_samples"], s["num_tokens"], s["sha256"]] for s in raw["shards"]
-        ],
+        "shards": [[s["name"], s["split"], s["num_samples"], s["num_tokens"], s["sha256"]] for s in raw["shards"]],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -132,8 +133,7 @@ def load_manifest(directory: str | Path) -> Manifest:
     path = directory if directory.name == MANIFEST_NAME else directory / MANIFEST_NAME
     if not path.is_file():
         raise DataFormatError(
-            f"no {MANIFEST_NAME} in {path.parent} (build shards with `python -m data_prep.shard` "
-            f"or fix data.shards)"
+            f"no {MANIFEST_NAME} in {path.parent} (build shards with `python -m data_prep.shard` or fix data.shards)"
         )
     try:
         raw = json.loads(path.read_text())
@@ -170,6 +170,4 @@ def load_manifest(directory: str | Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, DataFormatError):
             raise
-        raise DataFormatError(
-            f"{path}: malformed manifest ({type(exc).__name__}: {exc}); rebuild it"
-        ) from None
+        raise DataFormatError(f"{path}: malformed manifest ({type(exc).__name__}: {exc}); rebuild it") from None

@@ -23,9 +23,7 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
     if p.is_dir():
         p = p / TOKENIZER_FILE
     if not p.is_file():
-        raise FileNotFoundError(
-            f"tokenizer not found: {p} (train one with `python -m data_prep.train_tokenizer`)"
-        )
+        raise FileNotFoundError(f"tokenizer not found: {p} (train one with `python -m data_prep.train_tokenizer`)")
     return p
 
 

@@ -1,0 +1,44 @@
+"""Data loading: packed token shards -> deterministic, resumable micro-batches.
+
+Public API::
+
+    from mythos.data import DataConfig, build_train_loader, build_val_loader, Tokenizer
+    loader = build_train_loader(cfg, global_batch_size, micro_batch_size, rank, world_size)
+    for micro in loader.next_step(): ...          # {"input_ids", "labels"}: LongTensor [m, L]
+    loader.state_dict() / loader.load_state_dict(s) / loader.fingerprint(n)
+
+Shards are built offline by ``python -m data_prep.shard`` (format: :mod:`mythos.data.format`).
+"""
+
+from mythos.data.config import DataConfig
+from mythos.data.dataset import PackedSamples, verify_shard
+from mythos.data.format import DataFormatError, Manifest, load_manifest
+from mythos.data.loader import (
+    IGNORE_INDEX,
+    TrainLoader,
+    ValLoader,
+    build_train_loader,
+    build_val_loader,
+    to_batch,
+)
+from mythos.data.order import GlobalOrder, Position
+from mythos.data.tokenizer import Tokenizer, bits_per_byte
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataConfig",
+    "DataFormatError",
+    "GlobalOrder",
+    "Manifest",
+    "PackedSamples",
+    "Position",
+    "Tokenizer",
+    "TrainLoader",
+    "ValLoader",
+    "bits_per_byte",
+    "build_train_loader",
+    "build_val_loader",
+    "load_manifest",
+    "to_batch",
+    "verify_shard",
+]

@@ -1,0 +1,81 @@
+"""Map-style view of one split: global sample index ``g in [0, num_samples)`` -> tokens.
+
+Shards are concatenated in manifest order, so ``g`` maps to (shard, local index) by a binary
+search over cumulative counts. Opening checks every shard against the manifest (``verify``) so a
+missing, truncated or corrupt shard fails here, naming it, instead of mid-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mythos.data.format import DataFormatError, Manifest, ShardInfo
+from mythos.data.tarindex import ShardReader, load_index
+
+_HASH_CHUNK = 1 << 20
+
+
+def verify_shard(path: Path, info: ShardInfo, mode: str) -> None:
+    """Raise :class:`DataFormatError` naming ``path`` when it does not match the manifest."""
+    if mode == "none":
+        return
+    hint = "re-run data_prep.shard with the same arguments to rebuild it"
+    if not path.is_file():
+        raise DataFormatError(f"shard {path} is missing ({hint})")
+    size = path.stat().st_size
+    if size != info.bytes:
+        raise DataFormatError(
+            f"shard {path} is {size} bytes, manifest says {info.bytes} (truncated or replaced; {hint})"
+        )
+    if mode == "full":
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        if h.hexdigest() != info.sha256:
+            raise DataFormatError(f"shard {path} is corrupt: sha256 differs from the manifest ({hint})")
+
+
+class PackedSamples:
+    """All samples of one split. ``self[g] -> np.ndarray [tokens_per_sample]`` (uint16/uint32)."""
+
+    def __init__(self, manifest: Manifest, split: str, verify: str = "full", index_cache: bool = True):
+        self.manifest = manifest
+        self.split = split
+        self.tokens_per_sample = manifest.tokens_per_sample
+        infos = manifest.split_shards(split)
+        self.readers: list[ShardReader] = []
+        for info in infos:
+            path = manifest.directory / info.name
+            verify_shard(path, info, verify)
+            if not path.is_file():  # verify == "none" still cannot read a missing file
+                raise DataFormatError(f"shard {path} is missing (re-run data_prep.shard)")
+            index = load_index(path, info.sha256, info.num_samples, index_cache)
+            self.readers.append(ShardReader(path, index, manifest.dtype, self.tokens_per_sample))
+        counts = np.array([len(r) for r in self.readers], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_samples = int(self._starts[-1])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, g: int) -> np.ndarray:
+        if not 0 <= g < self.num_samples:
+            raise IndexError(f"sample {g} out of range [0, {self.num_samples}) of split '{self.split}'")
+        k = int(np.searchsorted(self._starts, g, side="right")) - 1
+        return self.readers[k].read(int(g - self._starts[k]))
+
+    def get_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``int64 [len(indices), tokens_per_sample]`` in the given order."""
+        out = np.empty((len(indices), self.tokens_per_sample), dtype=np.int64)
+        for row, g in enumerate(indices):
+            out[row] = self[int(g)]
+        return out
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()

@@ -1,0 +1,274 @@
+"""Train and validation loaders over packed shards, with exact, parallelism-independent resume.
+
+Trainer usage::
+
+    loader = build_train_loader(cfg.data, global_batch_size=B, micro_batch_size=m,
+                                rank=rank, world_size=W)
+    loader.load_state_dict(ckpt["data"])          # optional: resume
+    for step in range(start, total):
+        for micro in loader.next_step():          # B / (W * m) micro-batches
+            loss = model(micro["input_ids"]).loss(micro["labels"])   # LongTensor [m, L] each
+        ckpt["data"] = loader.state_dict()
+
+Guarantees (tested): the samples of step ``t`` depend only on (manifest, seed, B) -- not on
+``W``, ``num_workers`` or where a run was resumed; across ranks and workers every sample of an
+epoch is used exactly once (the last ``num_samples % B`` of each epoch's permutation are
+dropped); ``state_dict`` pins the exact next sample, so a resumed run (any ``W``) continues with
+it. Prefetched-but-unconsumed micro-batches are not counted: state advances when
+:meth:`TrainLoader.next_step` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mythos.config import ConfigError
+from mythos.data.config import DataConfig
+from mythos.data.dataset import PackedSamples
+from mythos.data.format import Manifest, load_manifest
+from mythos.data.order import GlobalOrder, Position, check_batch_geometry, rank_slice
+
+#: Label value ignored by the loss (``torch.nn.functional.cross_entropy`` default).
+IGNORE_INDEX = -100
+STATE_VERSION = 1
+
+Batch = dict[str, torch.Tensor]
+
+
+def to_batch(tokens: np.ndarray) -> Batch:
+    """``[b, L+1]`` stored tokens -> ``input_ids = x[:, :-1]``, ``labels = x[:, 1:]`` (int64 [b, L])."""
+    t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+
+
+class _MicroBatches(Dataset):
+    """Micro-batch ``(epoch, offset, k)`` of this rank -> batch. Runs in DataLoader workers; the
+    key alone determines the result, so which worker computes it does not matter."""
+
+    def __init__(self, samples: PackedSamples, order: GlobalOrder, rank: int, world_size: int, micro: int):
+        self.samples, self.order = samples, order
+        self.rank, self.world_size, self.micro = rank, world_size, micro
+
+    def __len__(self) -> int:  # the stream is unbounded; the sampler drives it
+        return 1 << 62
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Batch:
+        epoch, offset, k = key
+        mine = rank_slice(self.order.global_batch(Position(epoch, offset)), self.rank, self.world_size)
+        return to_batch(self.samples.get_many(mine[k * self.micro : (k + 1) * self.micro]))
+
+
+class _StepKeys(Sampler):
+    """Yields micro-batch keys from ``start`` on, forever, step after step, in order."""
+
+    def __init__(self, order: GlobalOrder, start: Position, accum: int):
+        self.order, self.start, self.accum = order, start, accum
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        pos = self.order.normalize(self.start)
+        while True:
+            for k in range(self.accum):
+                yield (pos.epoch, pos.offset, k)
+            pos = self.order.advance(pos)
+
+
+class TrainLoader:
+    """Micro-batches of one rank, step by step. See the module docstring for the guarantees."""
+
+    def __init__(
+        self, cfg: DataConfig, global_batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    ):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} out of range for world size {world_size}")
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.grad_accum_steps = check_batch_geometry(global_batch_size, micro_batch_size, world_size)
+        self.manifest: Manifest = load_manifest(cfg.shards)
+        self.data_hash = self.manifest.data_hash
+        self.samples = PackedSamples(self.manifest, "train", cfg.verify, cfg.index_cache)
+        self.order = GlobalOrder(self.samples.num_samples, cfg.seed, global_batch_size, cfg.shuffle)
+        self._pos = Position()
+        self._steps = 0
+        self._samples_consumed = 0
+        self._it: Iterator[Batch] | None = None
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.manifest.seq_len
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Trained tokens per sample (= ``seq_len`` input/label positions; ``seq_len + 1`` stored)."""
+        return self.manifest.seq_len
+
+    @property
+    def num_train_samples(self) -> int:
+        return self.samples.num_samples
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.order.normalize(self._pos).epoch
+
+    @property
+    def steps_done(self) -> int:
+        return self._steps
+
+    # ---- iteration ---------------------------------------------------------------------------
+    def _stream(self) -> Iterator[Batch]:
+        dataset = _MicroBatches(self.samples, self.order, self.rank, self.world_size, self.micro_batch_size)
+        keys = _StepKeys(self.order, self._pos, self.grad_accum_steps)
+        if self.cfg.num_workers == 0:
+            return (dataset[k] for k in keys)
+        loader = DataLoader(
+            dataset,
+            sampler=keys,
+            batch_size=None,  # keys already name whole micro-batches
+            num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch_factor,
+            pin_memory=self.cfg.pin_memory,
+            in_order=True,  # results in key order whatever worker finishes first
+        )
+        return iter(loader)
+
+    def next_step(self) -> list[Batch]:
+        """The ``grad_accum_steps`` micro-batches of this rank for the next optimizer step; each is
+        ``{"input_ids": LongTensor [m, L], "labels": LongTensor [m, L]}``."""
+        if self._it is None:
+            self._it = self._stream()
+        micro = [next(self._it) for _ in range(self.grad_accum_steps)]
+        self._pos = self.order.advance(self._pos)
+        self._steps += 1
+        self._samples_consumed += self.global_batch_size
+        return micro
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        while True:
+            yield self.next_step()
+
+    # ---- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        pos = self.order.normalize(self._pos)
+        return {
+            "version": STATE_VERSION,
+            "data_hash": self.data_hash,
+            "seed": self.cfg.seed,
+            "shuffle": self.cfg.shuffle,
+            "epoch": pos.epoch,
+            "offset": pos.offset,
+            "steps": self._steps,
+            "samples_consumed": self._samples_consumed,
+            "tokens_consumed": self._samples_consumed * self.tokens_per_sample,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the last consumed sample of ``state``. World size, micro batch
+        and workers may differ; a different global batch size continues from the same sample."""
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["data_hash"] != self.data_hash:
+            raise ConfigError(
+                f"data loader state was saved for data {state['data_hash'][:12]}, but data.shards="
+                f"{self.cfg.shards} holds data {self.data_hash[:12]} (resume with the same shards)"
+            )
+        for key in ("seed", "shuffle"):
+            if state[key] != getattr(self.cfg, key):
+                raise ConfigError(
+                    f"data loader state has {key}={state[key]!r} but data.{key}={getattr(self.cfg, key)!r} "
+                    f"(resume with the saved value; changing it would change the data order)"
+                )
+        if not 0 <= state["offset"] <= self.num_train_samples:
+            raise ConfigError(f"data loader state offset {state['offset']} outside the epoch")
+        self._pos = Position(int(state["epoch"]), int(state["offset"]))
+        self._steps = int(state["steps"])
+        self._samples_consumed = int(state["samples_consumed"])
+        self._it = None  # restart the stream (and any workers) at the new position
+
+    # ---- identity ----------------------------------------------------------------------------
+    def fingerprint(self, n_samples: int | None = None) -> str:
+        """sha256 over the manifest's data hash and the token ids of the first ``n_samples``
+        (default ``cfg.fingerprint_samples``) samples in global training order. Equal
+        fingerprints = same data, same order; independent of rank, world size and position."""
+        n = self.cfg.fingerprint_samples if n_samples is None else n_samples
+        order = GlobalOrder(self.num_train_samples, self.cfg.seed, self.global_batch_size, self.cfg.shuffle)
+        h = hashlib.sha256(self.data_hash.encode())
+        pos, left = Position(), n
+        while left > 0:
+            take = order.global_batch(pos)[:left]
+            h.update(self.samples.get_many(take).astype("<i8").tobytes())
+            left -= len(take)
+            pos = order.advance(pos)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self._it = None
+        self.samples.close()
+
+
+class ValLoader:
+    """All val samples in stored order, split across ranks without duplication.
+
+    Rank ``r`` takes the contiguous block ``[r*c, min((r+1)*c, N))`` with ``c = ceil(N / W)``,
+    padded to ``num_batches * batch_size`` rows. Every rank yields the same number of batches
+    (collectives inside an eval step stay matched); padding rows have ``input_ids = pad_id`` and
+    ``labels = IGNORE_INDEX`` in every position, so they add no loss and no token count.
+    """
+
+    def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} out of range for world size {world_size}")
+        if batch_size < 1:
+            raise ConfigError(f"val batch size must be >= 1, got {batch_size}")
+        self.manifest = load_manifest(cfg.shards)
+        self.samples = PackedSamples(self.manifest, "val", cfg.verify, cfg.index_cache)
+        self.batch_size = batch_size
+        n = self.samples.num_samples
+        per_rank = math.ceil(n / world_size)
+        self.indices = np.arange(rank * per_rank, min((rank + 1) * per_rank, n), dtype=np.int64)
+        self.num_batches = math.ceil(per_rank / batch_size)
+        self.num_samples = n
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        b, width = self.batch_size, self.manifest.seq_len
+        for j in range(self.num_batches):
+            real = self.indices[j * b : (j + 1) * b]
+            batch = to_batch(self.samples.get_many(real)) if len(real) else None
+            if len(real) == b:
+                yield batch  # type: ignore[misc]
+                continue
+            pad = b - len(real)
+            ids = torch.full((pad, width), self.manifest.pad_id, dtype=torch.long)
+            lab = torch.full((pad, width), IGNORE_INDEX, dtype=torch.long)
+            if batch is None:
+                yield {"input_ids": ids, "labels": lab}
+            else:
+                yield {"input_ids": torch.cat([batch["input_ids"], ids]), "labels": torch.cat([batch["labels"], lab])}
+
+
+def build_train_loader(
+    cfg: DataConfig, global_batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+) -> TrainLoader:
+    """Train loader of ``rank`` (of ``world_size``): ``global_batch_size`` samples per step,
+    delivered as ``global_batch_size / (world_size * micro_batch_size)`` micro-batches."""
+    return TrainLoader(cfg, global_batch_size, micro_batch_size, rank, world_size)
+
+
+def build_val_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1) -> ValLoader:
+    """Validation loader of ``rank``: fixed order, every val sample exactly once over all ranks."""
+    return ValLoader(cfg, batch_size, rank, world_size)
