@@ -18,6 +18,7 @@ Errors are :class:`ConfigError` with a one-line message naming the key and the f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -90,11 +91,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw  # not valid YAML (e.g. an unquoted path with ':'), keep the string
     # YAML 1.1 reads "1e-3" as a string; accept scientific notation as float like Python does.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(ch in value.lower() for ch in "e.") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and any(ch in value.lower() for ch in "e."):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key.split("."), value
 
 

@@ -51,8 +51,8 @@ class CausalLM(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def value_embed(self, layer: int, input_ids: Tensor) -> Tensor | None:
-        table = self.value_embeds[str(layer)] if str(layer) in self.value_embeds else None
-        return None if table is None else table(input_ids)
+        key = str(layer)
+        return self.value_embeds[key](input_ids) if key in self.value_embeds else None
 
     def head(self, h: Tensor) -> Tensor:
         h = self.norm(h)
