@@ -84,9 +84,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
                 key=lambda f: f.relative_to(p).as_posix(),
             )
             if not found:
-                raise DataPrepError(
-                    f"input directory {p} holds no {'/'.join(TEXT_SUFFIXES)} files (check the path)"
-                )
+                raise DataPrepError(f"input directory {p} holds no {'/'.join(TEXT_SUFFIXES)} files (check the path)")
             out.extend(found)
         else:
             raise DataPrepError(f"input not found: {p} (check the path; nothing was written)")

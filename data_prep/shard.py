@@ -224,9 +224,7 @@ class SplitPacker:
         }
 
 
-def _batches(
-    files: Sequence[Path], opts: SourceOptions, stats: dict[str, SourceStats]
-) -> Iterator[list[str]]:
+def _batches(files: Sequence[Path], opts: SourceOptions, stats: dict[str, SourceStats]) -> Iterator[list[str]]:
     batch: list[str] = []
     size = 0
     for f in files:
@@ -348,8 +346,7 @@ def build_shards(
     opts = SourceOptions(params.text_field, params.on_bad_utf8, params.plain_docs)  # type: ignore[arg-type]
     source_stats: dict[str, SourceStats] = {}
     packers = {
-        split: SplitPacker(split, params.seq_len, params.samples_per_shard, dtype, out)
-        for split in ("train", "val")
+        split: SplitPacker(split, params.seq_len, params.samples_per_shard, dtype, out) for split in ("train", "val")
     }
     init_args = (str(tok.path), tok.eos_id, params.val_fraction, params.seed)
     total = sum(d["bytes"] for d in inputs_desc)

@@ -86,9 +86,7 @@ def _iter_jsonl(path: Path, opts: SourceOptions, stats: SourceStats) -> Iterator
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataPrepError(
-                    f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove the line"
-                ) from None
+                raise DataPrepError(f"{path}:{lineno}: invalid JSON ({exc.msg}); fix or remove the line") from None
             if not isinstance(obj, dict) or opts.text_field not in obj:
                 raise DataPrepError(
                     f"{path}:{lineno}: no '{opts.text_field}' field in this JSON line "

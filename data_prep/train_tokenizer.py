@@ -103,9 +103,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, params: T
         )
     except RuntimeError as exc:  # e.g. "Vocabulary size too high": one line, with the advice
         msg = str(exc).strip().splitlines()[-1]
-        raise DataPrepError(
-            f"sentencepiece failed: {msg} (try a smaller --vocab-size or more text)"
-        ) from None
+        raise DataPrepError(f"sentencepiece failed: {msg} (try a smaller --vocab-size or more text)") from None
     seconds = time.perf_counter() - t0
     data = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=data)
@@ -131,9 +129,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, params: T
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_prep.train_tokenizer", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m data_prep.train_tokenizer", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="text/jsonl(.gz) files or directories")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="output directory (tokenizer.model, card.json)")
