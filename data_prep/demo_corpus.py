@@ -71,7 +71,7 @@ def shakespeare_files() -> list[Path]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TestCorpus:
+class SmallCorpus:
     """Paths of a built test corpus."""
 
     root: Path
@@ -114,7 +114,7 @@ def build_test_corpus(
     val_fraction: float = 0.02,
     shard_tokens: int = 65_536,
     workers: int = 1,
-) -> TestCorpus:
+) -> SmallCorpus:
     """Build (idempotently) a small real corpus: ``max_bytes`` of Shakespeare text, a BPE
     tokenizer of ``vocab_size`` and shards of ``seq_len + 1``-token samples in ``out_dir``.
 
@@ -129,7 +129,7 @@ def build_test_corpus(
         train_tokenizer(text, tok_dir, params)
     shard_params = ShardParams(seq_len=seq_len, val_fraction=val_fraction, shard_tokens=shard_tokens)
     build_shards(tok_dir, text, root / "shards", shard_params, workers=workers, progress=False)
-    return TestCorpus(root, tuple(text), tok_dir, root / "shards")
+    return SmallCorpus(root, tuple(text), tok_dir, root / "shards")
 
 
 def _tokenizer_current(tok_dir: Path, inputs: Sequence[Path], params: TokenizerParams) -> bool:
