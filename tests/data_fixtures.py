@@ -1,6 +1,6 @@
 """Shared data fixtures: a real ~1 MB Shakespeare corpus, tokenizer and shards, built once per
 test session. Import the fixture into a test module with
-``from data_fixtures import data_corpus  # noqa: F401``."""
+````pytest_plugins = ["data_fixtures"]````."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import data_corpus  # noqa: F401
 
 from data_prep import shard, train_tokenizer
 from data_prep.common import run_cli, sha256_file
@@ -19,6 +18,9 @@ from data_prep.demo_corpus import SmallCorpus, write_text_slice
 from data_prep.shard import is_val_document
 from data_prep.sources import SourceOptions, iter_documents
 from mythos.data import PackedSamples, Tokenizer, load_manifest
+
+#: provides the session-scoped ``data_corpus`` fixture (tests/data_fixtures.py)
+pytest_plugins = ["data_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +53,22 @@ def small_text(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def shard_args(corpus: SmallCorpus, inputs, out: Path, *extra: str) -> list[str]:
-    return ["--tokenizer", corpus.tokenizer_dir, "--input", *inputs, "--out", out, "--seq-len", "32",
-            "--shard-tokens", "4096", "--val-fraction", "0.05", "--no-progress", *extra]
+    return [
+        "--tokenizer",
+        corpus.tokenizer_dir,
+        "--input",
+        *inputs,
+        "--out",
+        out,
+        "--seq-len",
+        "32",
+        "--shard-tokens",
+        "4096",
+        "--val-fraction",
+        "0.05",
+        "--no-progress",
+        *extra,
+    ]
 
 
 # ---- tokenizer --------------------------------------------------------------------------------
@@ -65,12 +81,25 @@ def test_tokenizer_card_and_determinism(data_corpus: SmallCorpus, tmp_path: Path
     assert card["sha256"] == sha256_file(data_corpus.tokenizer_model)
     assert [i["path"] for i in card["inputs"]] == [p.as_posix() for p in data_corpus.text_files]
     # same inputs + flags -> byte-identical model; special tokens get ids
-    rc, _ = cli(capsys, train_tokenizer, "--input", *data_corpus.text_files, "--vocab-size", "1024",
-                "--out", tmp_path / "a")
+    rc, _ = cli(
+        capsys, train_tokenizer, "--input", *data_corpus.text_files, "--vocab-size", "1024", "--out", tmp_path / "a"
+    )
     assert rc == 0
     assert sha256_file(tmp_path / "a" / "tokenizer.model") == card["sha256"]
-    rc, _ = cli(capsys, train_tokenizer, "--input", data_corpus.text_files[0], "--vocab-size", "600",
-                "--out", tmp_path / "b", "--special", "<|user|>", "--model-type", "unigram")
+    rc, _ = cli(
+        capsys,
+        train_tokenizer,
+        "--input",
+        data_corpus.text_files[0],
+        "--vocab-size",
+        "600",
+        "--out",
+        tmp_path / "b",
+        "--special",
+        "<|user|>",
+        "--model-type",
+        "unigram",
+    )
     assert rc == 0
     card_b = json.loads((tmp_path / "b" / "card.json").read_text())
     tok = Tokenizer(tmp_path / "b")
@@ -180,9 +209,23 @@ def test_jsonl_gz_and_txt_gz_inputs(data_corpus, tmp_path, capsys) -> None:
     with gzip.open(tmp_path / "in" / "b.txt.gz", "wt") as f:
         f.write("\n\n".join(docs) + "\n")
     out = tmp_path / "o"
-    rc, err = cli(capsys, shard, "--tokenizer", data_corpus.tokenizer_model, "--input", tmp_path / "in",
-                  "--out", out, "--seq-len", "8", "--val-fraction", "0", "--text-field", "content",
-                  "--no-progress")
+    rc, err = cli(
+        capsys,
+        shard,
+        "--tokenizer",
+        data_corpus.tokenizer_model,
+        "--input",
+        tmp_path / "in",
+        "--out",
+        out,
+        "--seq-len",
+        "8",
+        "--val-fraction",
+        "0",
+        "--text-field",
+        "content",
+        "--no-progress",
+    )
     assert rc == 0, err
     m = load_manifest(out)
     assert [i["documents"] for i in m.raw["inputs"]] == [3, 3]
@@ -201,8 +244,9 @@ def test_missing_input(data_corpus, tmp_path, capsys) -> None:
     rc, err = cli(capsys, shard, *shard_args(data_corpus, [tmp_path / "nope.txt"], tmp_path / "o"))
     assert_one_line_error(rc, err, "input not found", "nope.txt")
     assert not (tmp_path / "o").exists()
-    rc, err = cli(capsys, train_tokenizer, "--input", tmp_path / "nope.txt", "--vocab-size", "300",
-                  "--out", tmp_path / "t")
+    rc, err = cli(
+        capsys, train_tokenizer, "--input", tmp_path / "nope.txt", "--vocab-size", "300", "--out", tmp_path / "t"
+    )
     assert_one_line_error(rc, err, "nope.txt")
     assert not (tmp_path / "t").exists()
 
@@ -216,8 +260,9 @@ def test_empty_corpus(data_corpus, tmp_path, capsys) -> None:
     rc, err = cli(capsys, shard, *shard_args(data_corpus, [tmp_path / "tiny.txt"], tmp_path / "o2"))
     assert_one_line_error(rc, err, "empty corpus", "seq_len")
     assert_nothing_half_written(tmp_path / "o2")
-    rc, err = cli(capsys, train_tokenizer, "--input", tmp_path / "empty.txt", "--vocab-size", "300",
-                  "--out", tmp_path / "t")
+    rc, err = cli(
+        capsys, train_tokenizer, "--input", tmp_path / "empty.txt", "--vocab-size", "300", "--out", tmp_path / "t"
+    )
     assert_one_line_error(rc, err, "empty corpus")
 
 
@@ -276,9 +321,22 @@ def test_refuses_output_of_a_different_build(data_corpus, small_text, tmp_path, 
 def test_cli_subprocess_exit_code_and_single_line(tmp_path) -> None:
     """The real entry point: exit status 2, exactly one stderr line."""
     r = subprocess.run(
-        [sys.executable, "-m", "data_prep.shard", "--tokenizer", str(tmp_path), "--input", str(tmp_path / "x.txt"),
-         "--out", str(tmp_path / "o"), "--seq-len", "8"],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "data_prep.shard",
+            "--tokenizer",
+            str(tmp_path),
+            "--input",
+            str(tmp_path / "x.txt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--seq-len",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: input not found")
