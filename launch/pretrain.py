@@ -1,0 +1,58 @@
+"""Pretrain a dense baseline or an RDT with DeepSpeed.
+
+    deepspeed --num_gpus 8 launch/pretrain.py --config configs/run/rdt-770m.yaml [key.sub=value ...]
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launch/pretrain.py \\
+        --config configs/run/rdt-tiny-cpu.yaml run_dir=/tmp/x train.max_steps=20
+
+Also runs under ``torchrun`` and as one SLURM ``srun`` task per device (launch/slurm/), since all
+of them provide RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Bad configs fail with
+one line (exit 2) before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from mythos.config import ConfigError  # noqa: E402
+from mythos.train.config import load_run_config  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML (configs/run/*.yaml)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+    args, unknown = p.parse_known_args(argv)
+    bad = [u for u in unknown if "=" not in u]
+    if bad:
+        p.error(f"unrecognised arguments: {' '.join(bad)}")
+    return args, list(args.overrides) + unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from mythos.train.trainer import Trainer, TrainingStopped
+
+    try:
+        cfg = load_run_config(args.config, overrides)
+        trainer = Trainer(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Distributed environment: one env contract (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT) for the ``deepspeed`` launcher, ``torchrun`` and SLURM ``srun`` tasks alike.
+
+Everything here is a no-op in a single process without a process group, so library code can call
+``all_reduce_sum`` or ``barrier`` unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """Rank layout from the environment, readable *before* any process group exists (so configs
+    can be validated against the world size first). SLURM variables are a fallback for ``srun``
+    tasks started without our task wrapper."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    return DistInfo(rank, local, world)
+
+
+def is_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Initialise DeepSpeed's process group (NCCL on GPU, gloo on CPU) with a timeout, so a hung
+    collective becomes an error instead of a silent stall. Single-process runs without the env
+    get a one-rank gloo group on a loopback port, so the same code path runs everywhere."""
+    import deepspeed
+
+    info = env_info()
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if is_cuda():
+        torch.cuda.set_device(info.local_rank)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if is_cuda() else "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        auto_mpi_discovery=False,
+    )
+    return env_info()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", env_info().local_rank) if is_cuda() else torch.device("cpu")
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (identity without a process group); returns ``t``."""
+    if initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,181 @@
+"""The run config: everything one ``launch/pretrain.py`` invocation needs, as typed sections.
+
+``configs/run/*.yaml`` include a model preset and a shared data file, so the two arms of a
+comparison differ only where their files say so. Loaded strictly (see :mod:`mythos.config`);
+:func:`check_run` adds the cross-section checks that need the world size and the shards, and
+runs before any process group starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mythos.config import ConfigError, load_config
+from mythos.data.config import DataConfig
+from mythos.model.config import ModelConfig
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    """``adamw`` for every parameter, or Parcae's split: ``muon`` on 2-D weight matrices and
+    AdamW (no weight decay) on embeddings, norms and the LTI parameters."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate (with ``muon``: the AdamW half's)."""
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices; embeddings, vectors and LTI parameters get none."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """``cosine``: linear warmup then cosine to ``min_lr_ratio``; ``wsd``: warmup-stable-decay
+    (Parcae's trapezoid), linear decay over the last ``decay_fraction`` of steps."""
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    min_lr_ratio: float = 0.1
+    impl: Literal["auto", "torch", "fused"] = "auto"
+    """AdamW kernel: ``torch`` (torch.optim.AdamW; no JIT build), ``fused`` (DeepSpeed's
+    FusedAdam / CPUAdam); ``auto`` = fused on GPU, torch on CPU."""
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise ValueError("learning rates must be > 0")
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("decay_fraction and min_lr_ratio must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    global_batch_size: int = 32
+    """Samples (sequences) per optimizer step, across all ranks: ``micro * accum * world``."""
+    micro_batch_size: int = 4
+    """Samples per rank per forward/backward."""
+    max_steps: int = 0
+    """Optimizer steps. 0 = derive from ``max_tokens``."""
+    max_tokens: int = 0
+    """Token budget (the planner sets this); steps = ceil(tokens / (batch * seq_len))."""
+    max_epochs: int = 1
+    """How often the data may be repeated before the run refuses to start ("data runs out")."""
+    seed: int = 1234
+    """Seeds model init, per-rank RNG streams and the RDT loop counts (data order has its own)."""
+    log_interval: int = 10
+    eval_interval: int = 0
+    """Steps between validation passes (0 = only at the end)."""
+    eval_batches: int = 8
+    """Validation batches per rank per pass (0 = the whole val split)."""
+    eval_loops: list[int] = field(default_factory=lambda: [1, 4, 8])
+    """RDT: also evaluate at these loop counts (the training mean is always evaluated)."""
+    save_interval: int = 0
+    """Steps between checkpoints (0 = only at the end and on signals)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep (older ones are deleted after a newer one completes)."""
+    resume: str = "auto"
+    """``auto`` = newest complete checkpoint in the run dir if any; ``none``; or a checkpoint path."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (updates are skipped)."""
+    inject_nan_steps: list[int] = field(default_factory=list)
+    """Fault injection for tests: rank 0's loss becomes NaN at these steps."""
+    dist_timeout_s: float = 900.0
+    """Collective timeout: a hung rank becomes an error after this long."""
+    compile: bool = False
+    """``torch.compile`` the model (GPU)."""
+
+    def validate(self) -> None:
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("global_batch_size and micro_batch_size must be >= 1")
+        if self.max_steps < 0 or self.max_tokens < 0:
+            raise ValueError("max_steps and max_tokens must be >= 0")
+        if self.max_steps == 0 and self.max_tokens == 0:
+            raise ValueError("set train.max_steps or train.max_tokens")
+        if self.log_interval < 1:
+            raise ValueError("log_interval must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedSection:
+    config: str = "configs/deepspeed/zero2.yaml"
+    """DeepSpeed's own settings (``zero_optimization``, offload, ...). Batch sizes, precision,
+    clipping and the optimizer come from this run config and must not be set there."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto`` = bf16 on GPU, fp32 on CPU."""
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    tensorboard: bool = True
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s per device for MFU; 0 = look up the device name (unknown -> no MFU)."""
+    console: bool = True
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    return load_config(RunConfig, path, overrides, kind="run")
+
+
+def check_run(cfg: RunConfig, world_size: int) -> dict:
+    """Cross-checks that need the world size and the shards; returns the manifest summary.
+    Raises :class:`ConfigError` with one line naming the key."""
+    from mythos.data.format import load_manifest
+    from mythos.data.order import check_batch_geometry
+
+    t = cfg.train
+    check_batch_geometry(t.global_batch_size, t.micro_batch_size, world_size)
+    manifest = load_manifest(cfg.data.shards)
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocab "
+            f"{manifest.vocab_size} (data.shards={cfg.data.shards}); set model.vocab_size>={manifest.vocab_size}"
+        )
+    if manifest.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"shards hold sequences of {manifest.seq_len} tokens but model.max_seq_len={cfg.model.max_seq_len}; "
+            f"raise model.max_seq_len or re-shard with a shorter --seq-len"
+        )
+    train_samples = manifest.num_samples("train")
+    steps_per_epoch = train_samples // t.global_batch_size
+    tokens_per_step = t.global_batch_size * manifest.seq_len
+    steps = t.max_steps or -(-t.max_tokens // tokens_per_step)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.shards={cfg.data.shards} has {train_samples} training samples, fewer than one global batch "
+            f"({t.global_batch_size}); lower train.global_batch_size or add data"
+        )
+    if steps > steps_per_epoch * t.max_epochs:
+        raise ConfigError(
+            f"the data runs out: {steps} steps x {tokens_per_step} tokens need "
+            f"{steps / steps_per_epoch:.2f} epochs of data.shards={cfg.data.shards} ({steps_per_epoch} steps each) "
+            f"but train.max_epochs={t.max_epochs}; add data, lower the budget or raise train.max_epochs"
+        )
+    if cfg.optim.name == "muon":
+        if _peek_zero_stage(cfg) == 0:
+            raise ConfigError(
+                "optim.name=muon needs ZeRO stage >= 1 (DeepSpeed runs Muon's Newton-Schulz step inside its ZeRO "
+                f"optimizer; stage 0 would silently train with SGD); use a zero1/2/3 deepspeed.config, not "
+                f"{cfg.deepspeed.config}"
+            )
+    return {"steps": steps, "steps_per_epoch": steps_per_epoch, "seq_len": manifest.seq_len,
+            "train_samples": train_samples, "data_hash": manifest.data_hash, "vocab_size": manifest.vocab_size}
+
+
+def _peek_zero_stage(cfg: RunConfig) -> int:
+    from mythos.train.ds_config import load_ds_file
+
+    return int(load_ds_file(cfg.deepspeed.config).get("zero_optimization", {}).get("stage", 0))

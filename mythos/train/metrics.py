@@ -1,0 +1,83 @@
+"""One logging path for training metrics: TensorBoard + ``metrics.jsonl`` + a console line.
+
+Only rank 0 writes. On resume, TensorBoard's ``purge_step`` hides events the crashed run wrote
+after the checkpoint, and ``metrics.jsonl`` is rewritten to drop those steps, so every step
+appears exactly once in both (plots of a resumed run are not doubled back on themselves).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mythos.train.checkpoint import atomic_write_text
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, console: bool, resume_step: int) -> None:
+        self.enabled, self.console = enabled, console
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if self.jsonl.exists():
+            keep = [ln for ln in self.jsonl.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            atomic_write_text(self.jsonl, "".join(ln + "\n" for ln in keep))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self._file = self.jsonl.open("a")
+
+    def log(self, step: int, scalars: dict[str, float], *, histograms: dict[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        if self.writer is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+            for k, values in (histograms or {}).items():
+                self.writer.add_histogram(k, values, step)
+            self.writer.flush()
+        self._file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self._file.flush()
+
+    def print(self, line: str) -> None:
+        if self.enabled and self.console:
+            print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        self._file.close()
+
+
+def format_line(step: int, total: int, m: dict[str, float], eta_s: float) -> str:
+    """nanochat-style: ``step 000120/001000 (12.0%) | loss 3.412 | lr 2.9e-04 | ...``."""
+    parts = [f"step {step:06d}/{total:06d} ({100 * step / max(total, 1):.1f}%)", f"loss {m['train/loss']:.4f}"]
+    parts.append(f"lr {m['train/lr']:.2e}")
+    if "train/grad_norm" in m:
+        parts.append(f"gnorm {m['train/grad_norm']:.3f}")
+    parts.append(f"dt {1000 * m['perf/step_time_s']:.0f}ms")
+    parts.append(f"tok/s {_si(m['perf/tokens_per_s'])}")
+    if "perf/mfu" in m:
+        parts.append(f"mfu {100 * m['perf/mfu']:.1f}%")
+    if "rdt/loops_mean" in m:
+        parts.append(f"r {m['rdt/loops_mean']:.1f}")
+    h, rem = divmod(int(eta_s), 3600)
+    parts.append(f"eta {h}h{rem // 60:02d}m")
+    return " | ".join(parts)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"

@@ -1,0 +1,390 @@
+"""The training loop: ``Trainer(cfg).fit()`` with named phases.
+
+One optimizer step::
+
+    stop?   all-reduce [local label tokens, signal flag]   -> token-weighted scale, agreed stop
+    micro   forward/backward x accum (RDT: loop counts of the *global* batch from (seed, step))
+    guard   all-reduce [ce sum, non-finite flag]           -> exact step loss; skip bad updates
+    step    engine.step() (lr set from the step first), then log / eval / save as due
+
+Two scalar all-reduces per step are the only host syncs besides logging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import mythos
+from mythos import dist
+from mythos.config import ConfigError, dump_yaml, to_dict
+from mythos.data import IGNORE_INDEX, build_train_loader, build_val_loader
+from mythos.model import build_model
+from mythos.model.loops import sample_loop_counts
+from mythos.train import checkpoint as ckpt
+from mythos.train.config import RunConfig, check_run
+from mythos.train.ds_config import build_ds_config, use_bf16, write_ds_config
+from mythos.train.evaluate import evaluate
+from mythos.train.metrics import MetricsLogger, format_line
+from mythos.train.optim import lr_multiplier, muon_eligible, param_groups, set_lr
+from mythos.train.signals import StopFlag
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run must stop (too many bad steps); the message says what to do."""
+
+
+def _section_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        info = dist.env_info()
+        # everything that can be checked without a process group is checked first
+        self.plan = check_run(cfg, info.world_size)
+        self.info = dist.init_distributed(cfg.train.dist_timeout_s)
+        self.device = dist.device()
+        self.cuda = dist.is_cuda()
+        self.total_steps = self.plan["steps"]
+        t = cfg.train
+        self.accum = t.global_batch_size // (t.micro_batch_size * self.info.world_size)
+        self.per_rank = t.global_batch_size // self.info.world_size
+
+        torch.manual_seed(t.seed)  # identical init on every rank
+        self.model = build_model(cfg.model)
+        if use_bf16(cfg, self.cuda):
+            self.model = self.model.to(torch.bfloat16)
+        self.ds_config = build_ds_config(cfg, self.info.world_size, self.cuda)
+        self.engine = self._initialize()
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
+        torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (h0 noise)
+
+        self.loader = build_train_loader(
+            cfg.data, t.global_batch_size, t.micro_batch_size, self.info.rank, self.info.world_size
+        )
+        self.val_loader = build_val_loader(cfg.data, t.micro_batch_size, self.info.rank, self.info.world_size)
+        self.fingerprint = self.loader.fingerprint()
+        self.flops_per_token = self._flops_per_token()
+        self.peak_flops = self._peak_flops()
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_seen = 0.0
+        self.bad_steps_total = 0
+        self.resumed_from = self._maybe_resume()
+        self.logger = MetricsLogger(
+            self.run_dir, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard, console=cfg.log.console,
+            resume_step=self.step,
+        )
+        self._write_run_files()
+
+    # ------------------------------------------------------------------ setup
+    def _initialize(self) -> Any:
+        import deepspeed
+
+        groups = param_groups(self.model, self.cfg.optim)
+        if self.cfg.optim.name != "muon":
+            engine, *_ = deepspeed.initialize(model=self.model, model_parameters=groups, config=self.ds_config)
+            return engine
+        # DeepSpeed tags use_muon by parameter *name* (2-D and not "embed"/"lm_head"), which would
+        # put the LTI injection B and readout C, and the 3-D LoRA banks, on Muon. Parcae keeps them
+        # on AdamW, so re-tag right after DeepSpeed's pass, before it builds the optimizer.
+        eligible = muon_eligible(self.model)
+        original = deepspeed.set_optimizer_flags
+
+        def retag(config_class: Any, model: torch.nn.Module) -> None:
+            original(config_class, model)
+            for name, p in model.named_parameters():
+                p.use_muon = eligible.get(name, False)
+
+        deepspeed.set_optimizer_flags = retag
+        try:
+            engine, *_ = deepspeed.initialize(model=self.model, model_parameters=groups, config=self.ds_config)
+        finally:
+            deepspeed.set_optimizer_flags = original
+        return engine
+
+    def _flops_per_token(self) -> float:
+        from mythos.accounting import flops_per_token
+
+        return float(flops_per_token(self.cfg.model, self.plan["seq_len"]).total)
+
+    def _peak_flops(self) -> float | None:
+        if self.cfg.log.peak_tflops:
+            return self.cfg.log.peak_tflops * 1e12
+        if not self.cuda:
+            return None
+        from mythos.accounting import peak_flops_for_device
+
+        return peak_flops_for_device(torch.cuda.get_device_name())
+
+    def _maybe_resume(self) -> str | None:
+        path = ckpt.find_resume(self.ckpt_root, self.cfg.train.resume)
+        if path is None:
+            return None
+        client = ckpt.load(self.engine, path)
+        for key, now in (("model_hash", _section_hash(self.cfg.model)), ("data_fingerprint", self.fingerprint)):
+            if client.get(key) != now:
+                raise ConfigError(
+                    f"checkpoint {path} was written with a different {key.replace('_', ' ')} "
+                    f"({client.get(key)} vs {now}); resume with the original config, or use a new run_dir"
+                )
+        self.loader.load_state_dict(client["data"])
+        self.step = int(client["step"])
+        self.tokens_seen = int(client["tokens_seen"])
+        self.flops_seen = float(client["flops_seen"])
+        self.bad_steps_total = int(client.get("bad_steps_total", 0))
+        return str(path)
+
+    def _write_run_files(self) -> None:
+        if not self.info.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(self.run_dir / "config.resolved.yaml", dump_yaml(self.cfg))
+        write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
+        run_info = {
+            "name": self.cfg.name,
+            "kind": self.cfg.model.kind,
+            "git_commit": _git_commit(),
+            "mythos_version": mythos.__version__,
+            "torch": torch.__version__,
+            "deepspeed": __import__("deepspeed").__version__,
+            "python": platform.python_version(),
+            "host": platform.node(),
+            "world_size": self.info.world_size,
+            "zero_stage": self.zero_stage,
+            "bf16": use_bf16(self.cfg, self.cuda),
+            "data_hash": self.plan["data_hash"],
+            "data_fingerprint": self.fingerprint,
+            "model_hash": _section_hash(self.cfg.model),
+            "params": self.model.num_params(),
+            "flops_per_token": self.flops_per_token,
+            "total_steps": self.total_steps,
+            "tokens_per_step": self.cfg.train.global_batch_size * self.plan["seq_len"],
+            "resumed_from": self.resumed_from,
+            "start_time": time.time(),
+        }
+        ckpt.atomic_write_text(self.run_dir / "run_info.json", json.dumps(run_info, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ phases
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: float) -> dict[str, Any]:
+        """Forward/backward every micro-batch, agree on finiteness, step. Returns step stats."""
+        cfg, engine = self.cfg, self.engine
+        is_rdt = cfg.model.kind == "rdt"
+        if is_rdt:
+            counts = sample_loop_counts(cfg.model.loops, cfg.train.seed, self.step, cfg.train.global_batch_size)
+            n_steps = int(counts.max())
+        scale = self.accum * self.info.world_size / max(global_tokens, 1.0)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_acc: dict[str, torch.Tensor] = {}
+        set_lr(engine.optimizer, self.base_lrs, lr_multiplier(self.step, self.total_steps, cfg.optim))
+        m = cfg.train.micro_batch_size
+        for k, micro in enumerate(micro_batches):
+            ids = micro["input_ids"].to(self.device, non_blocking=True)
+            labels = micro["labels"].to(self.device, non_blocking=True)
+            kwargs: dict[str, Any] = {}
+            if is_rdt:
+                start = self.info.rank * self.per_rank + k * m  # this micro-batch's global positions
+                kwargs = {"loop_counts": counts[start : start + m], "n_steps": n_steps}
+            out = engine(ids, labels=labels, **kwargs)
+            loss = out.ce_sum * scale
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+            if self.step in cfg.train.inject_nan_steps and self.info.is_main:
+                loss = loss * float("nan")
+            bad += (~torch.isfinite(loss.detach())).double()
+            engine.backward(loss)
+            ce_sum += out.ce_sum.detach().double()
+            for name, v in out.aux.items():
+                if v.dim() == 0:
+                    aux_acc[name] = aux_acc.get(name, 0) + v.detach().double() / len(micro_batches)
+                elif name == "act_halt_hist":
+                    aux_acc[name] = v.detach()
+            if k == len(micro_batches) - 1:
+                agreed = dist.all_reduce_sum(torch.stack([ce_sum, bad]))
+                ce_total, n_bad = agreed.tolist()
+                if n_bad > 0 and self.zero_stage == 0:
+                    for p in engine.module.parameters():  # no ZeRO optimizer to skip it for us
+                        p.grad = None
+            skipped_before = engine.skipped_steps
+            engine.step()
+        stats = {"loss": ce_total / max(global_tokens, 1.0), "bad": n_bad > 0}
+        stats["skipped"] = engine.skipped_steps > skipped_before or (n_bad > 0 and self.zero_stage == 0)
+        gn = engine.get_global_grad_norm()
+        if gn is not None and not stats["skipped"]:
+            stats["grad_norm"] = float(gn)
+        if is_rdt:
+            stats["rdt/loops_mean"] = float(counts.float().mean())
+            stats["rdt/loops_max"] = float(n_steps)
+        for name, v in aux_acc.items():
+            if name == "act_halt_hist":
+                stats["hist/act_halt_steps"] = v.cpu()
+            elif name not in ("loops_mean", "loops_run"):
+                stats[f"rdt/{name}"] = float(v)
+        return stats
+
+    def maybe_eval(self, force: bool = False) -> dict[str, float]:
+        t = self.cfg.train
+        due = t.eval_interval and self.step % t.eval_interval == 0
+        if not (due or force):
+            return {}
+        self.engine.eval()
+        try:
+            res = evaluate(
+                self.engine, lambda: iter(self.val_loader), self.cfg.model, self.device,
+                loops=t.eval_loops, max_batches=t.eval_batches,
+            )
+        finally:
+            self.engine.train()
+        self.logger.log(self.step, res)
+        self.logger.print(
+            f"eval step {self.step}: " + " | ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in res.items()
+                                                     if k.startswith("val/loss"))
+        )
+        return res
+
+    def save(self, data_state: dict[str, Any] | None = None) -> Path:
+        client = {
+            "step": self.step,
+            "data": data_state or self.loader.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "flops_seen": self.flops_seen,
+            "bad_steps_total": self.bad_steps_total,
+            "data_fingerprint": self.fingerprint,
+            "model_hash": _section_hash(self.cfg.model),
+        }
+        path = ckpt.save(self.engine, self.ckpt_root, self.step, client, self.cfg.train.keep_last)
+        self.logger.print(f"saved checkpoint {path}")
+        return path
+
+    @torch.no_grad()
+    def _spectral_radius(self) -> float:
+        module = self.engine.module
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.injection.parameters())):
+                return float(module.spectral_radius())
+        return float(module.spectral_radius())
+
+    def _memory_gb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        stop = StopFlag()
+        tokens_per_step = t.global_batch_size * self.plan["seq_len"]
+        start_step, t0 = self.step, time.perf_counter()
+        window: list[float] = []
+        consecutive_bad = 0
+        if self.resumed_from:
+            self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
+        self.logger.print(
+            f"{cfg.name}: {cfg.model.kind} {self.model.num_params() / 1e6:.2f}M params | world {self.info.world_size}"
+            f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {tokens_per_step} tokens"
+            f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir}"
+        )
+        try:
+            while self.step < self.total_steps:
+                step_t0 = time.perf_counter()
+                data_state = self.loader.state_dict()
+                micro = self.loader.next_step()
+                local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
+                head = dist.all_reduce_sum(
+                    torch.tensor([local_tokens, float(stop.raised)], dtype=torch.float64, device=self.device)
+                ).tolist()
+                if head[1] > 0:  # some rank got SIGTERM/SIGUSR1: all save this step and exit
+                    self.save(data_state)
+                    self.logger.print(f"stopping on signal at step {self.step}: checkpoint saved; resume: auto continues")
+                    return {"step": self.step, "stopped_on_signal": True}
+                stats = self.train_step(micro, head[0])
+                self.step += 1
+                if stats["bad"]:
+                    consecutive_bad += 1
+                    self.bad_steps_total += 1
+                    self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
+                    if consecutive_bad >= t.max_bad_steps:
+                        last = ckpt.list_tags(self.ckpt_root)
+                        where = last[-1][1] if last else "none yet"
+                        raise TrainingStopped(
+                            f"stopping: {consecutive_bad} consecutive steps with a non-finite loss (train.max_bad_steps="
+                            f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"
+                        )
+                else:
+                    consecutive_bad = 0
+                self.tokens_seen += tokens_per_step
+                self.flops_seen += self.flops_per_token * tokens_per_step
+                window.append(time.perf_counter() - step_t0)
+                if self.step % t.log_interval == 0 or self.step == self.total_steps:
+                    self.log_metrics(stats, window, start_step, t0)
+                    window = []
+                self.maybe_eval(force=self.step == self.total_steps)
+                if (t.save_interval and self.step % t.save_interval == 0) or self.step == self.total_steps:
+                    self.save()
+            return {"step": self.step, "stopped_on_signal": False}
+        finally:
+            stop.restore()
+            self.logger.close()
+            self.loader.close()
+
+    def log_metrics(self, stats: dict[str, Any], window: list[float], start_step: int, t0: float) -> None:
+        tokens_per_step = self.cfg.train.global_batch_size * self.plan["seq_len"]
+        step_time = float(np.mean(window))
+        tok_s = tokens_per_step / step_time
+        m: dict[str, float] = {
+            "train/loss": stats["loss"],
+            "train/ppl": float(np.exp(min(stats["loss"], 50.0))),
+            "train/lr": self.engine.optimizer.param_groups[0]["lr"],
+            "train/tokens": self.tokens_seen,
+            "train/flops": self.flops_seen,
+            "train/bad_steps": self.bad_steps_total,
+            "perf/step_time_s": step_time,
+            "perf/tokens_per_s": tok_s,
+            "perf/tokens_per_s_per_device": tok_s / self.info.world_size,
+            "perf/memory_gb": self._memory_gb(),
+        }
+        if "grad_norm" in stats:
+            m["train/grad_norm"] = stats["grad_norm"]
+        if self.peak_flops:
+            m["perf/mfu"] = self.flops_per_token * tok_s / (self.peak_flops * self.info.world_size)
+        hist = {}
+        if self.cfg.model.kind == "rdt":
+            m["rdt/spectral_radius"] = self._spectral_radius()
+            for k, v in stats.items():
+                if k.startswith("rdt/"):
+                    m[k] = v
+            if "hist/act_halt_steps" in stats:
+                h = stats["hist/act_halt_steps"]
+                hist["rdt/act_halt_steps"] = torch.repeat_interleave(torch.arange(len(h)), h).float()
+        self.logger.log(self.step, m, histograms=hist)
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
+        self.logger.print(format_line(self.step, self.total_steps, m, eta))
