@@ -1,0 +1,313 @@
+"""Checkpoint export: consolidated fp32 safetensors for any model, Hugging Face Llama for dense.
+
+- :func:`save_consolidated` / :func:`load_consolidated`: ``model.safetensors`` (fp32, our own
+  parameter names) + ``config.yaml`` (the resolved :class:`ModelConfig`). Works for every model
+  kind and round-trips exactly.
+- :func:`to_hf_llama`: a ``LlamaForCausalLM`` directory (``config.json`` + ``model.safetensors``)
+  for a Llama-style dense model, without importing ``transformers``. Our RoPE uses the same
+  rotate-half layout as HF Llama (``cat(-x2, x1)`` with ``cos = cat(f, f)``), so q/k projection
+  weights map one-to-one with no head permutation.
+- CLI: ``python -m mythos.export --checkpoint RUN_DIR/checkpoints/TAG --out DIR [--hf-llama]``
+  consolidates a DeepSpeed checkpoint (ZeRO 1-3 shards via ``zero_to_fp32``; without ZeRO shards
+  the module weights in ``mp_rank_00_model_states.pt``) and writes one of the two layouts.
+
+Files are written to a temporary name in the target directory and ``os.replace``-d into place
+(atomic per file); the weights go first and the config last, so a directory with a config is
+complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mythos.config import ConfigError, dump_yaml, from_dict, load_config, load_yaml
+from mythos.model.base import CausalLM
+from mythos.model.build import build_model
+from mythos.model.config import ModelConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_YAML = "config.yaml"
+HF_CONFIG_NAME = "config.json"
+_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP wrapper, torch.compile
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda p: p.write_text(text))
+
+
+def _save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+    """safetensors refuses tensors that share storage (e.g. views into ZeRO's flat fp32 buffer),
+    so each is cast/copied into its own contiguous CPU tensor."""
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu", dtype)
+        shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        out[name] = t.clone() if shared or not t.is_contiguous() else t
+    _atomic_write(path, lambda p: save_file(out, str(p), metadata={"format": "pt"}))
+
+
+def clean_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes (``module.``, ``_orig_mod.``) from every key."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# consolidated (any model kind)
+
+
+def save_consolidated(model_or_state_dict: nn.Module | Mapping[str, Tensor], cfg: ModelConfig,
+                      out_dir: str | Path) -> Path:
+    """Write ``model.safetensors`` (fp32, wrapper prefixes stripped) and ``config.yaml`` (the
+    resolved ``cfg``) to ``out_dir``; returns it. Checks the keys against ``cfg``'s model so a
+    mismatched config fails here rather than at load time."""
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    sd = clean_state_dict(sd)
+    expected = build_model(cfg, device="meta").state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the {cfg.kind} config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    out = Path(out_dir)
+    _save_tensors(out / WEIGHTS_NAME, sd, torch.float32)
+    _write_text(out / CONFIG_YAML, dump_yaml(cfg))
+    return out
+
+
+def load_consolidated(path: str | Path, *, device: str | torch.device = "cpu") -> CausalLM:
+    """Rebuild the model saved by :func:`save_consolidated` (fp32, strict key match)."""
+    path = Path(path)
+    cfg = load_config(ModelConfig, path / CONFIG_YAML)
+    with torch.device(device):
+        model = build_model(cfg)
+    model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)), strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Llama (dense, Llama-style only)
+
+
+def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
+    """Options of ``cfg`` that ``LlamaForCausalLM`` cannot represent (empty when exportable)."""
+    bad = []
+    if cfg.kind != "dense":
+        bad.append(f"kind={cfg.kind}")
+    if cfg.mlp != "swiglu":
+        bad.append(f"mlp={cfg.mlp}")
+    if cfg.qk_norm:
+        bad.append("qk_norm=true")
+    if cfg.value_embeds != "none":
+        bad.append(f"value_embeds={cfg.value_embeds}")
+    if not bad and not cfg.is_llama_style:  # a new option the list above does not know yet
+        bad.append("is_llama_style=false")
+    return bad
+
+
+def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """``config.json`` contents. RoPE theta is written both as transformers 5's
+    ``rope_parameters`` and as the legacy ``rope_theta`` (4.x), and the dtype as ``dtype`` (5.x)
+    and ``torch_dtype`` (4.x), so either version reads the same model."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+    }
+
+
+def hf_llama_state_dict(state_dict: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Rename our dense parameters to HF Llama's. Every key must map (no silent drops)."""
+    renames = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj",
+               "attn.v_proj": "self_attn.v_proj", "attn.o_proj": "self_attn.o_proj",
+               "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
+               "mlp.down_proj": "mlp.down_proj", "attn_norm": "input_layernorm",
+               "mlp_norm": "post_attention_layernorm"}
+    out: dict[str, Tensor] = {}
+    for key, value in clean_state_dict(state_dict).items():
+        if key == "embed.weight":
+            new = "model.embed_tokens.weight"
+        elif key == "norm.weight":
+            new = "model.norm.weight"
+        elif key == "lm_head.weight":
+            new = "lm_head.weight"
+        elif key.startswith("layers."):
+            _, idx, rest = key.split(".", 2)
+            module, _, leaf = rest.rpartition(".")
+            if module not in renames:
+                raise ValueError(f"cannot map parameter '{key}' to HF Llama")
+            new = f"model.layers.{idx}.{renames[module]}.{leaf}"
+        else:
+            raise ValueError(f"cannot map parameter '{key}' to HF Llama")
+        out[new] = value
+    expected = 2 + (0 if cfg.tie_embeddings else 1) + 9 * cfg.n_layers
+    if len(out) != expected:
+        raise ValueError(f"expected {expected} Llama tensors, got {len(out)}")
+    return out
+
+
+def to_hf_llama(model: CausalLM | None, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+                cfg: ModelConfig | None = None, state_dict: Mapping[str, Tensor] | None = None) -> Path:
+    """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` directory (``config.json`` +
+    ``model.safetensors`` in ``dtype``); returns ``out_dir``.
+
+    Raises ``ValueError`` (one line, naming the offending options) unless the model is a
+    Llama-style dense model. ``cfg``/``state_dict`` default to the model's own (pass them to
+    export consolidated weights without a live model: ``model`` may then be None).
+    """
+    cfg = cfg if cfg is not None else model.cfg
+    bad = llama_incompatibilities(cfg)
+    if bad:
+        raise ValueError(
+            f"cannot export '{cfg.name or cfg.kind}' to HF Llama: {', '.join(bad)} "
+            "(needs kind=dense, mlp=swiglu, qk_norm=false, value_embeds=none)"
+        )
+    sd = state_dict if state_dict is not None else model.state_dict()
+    out = Path(out_dir)
+    _save_tensors(out / WEIGHTS_NAME, hf_llama_state_dict(sd, cfg), dtype)
+    _write_text(out / HF_CONFIG_NAME, json.dumps(hf_llama_config(cfg, dtype), indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed checkpoints
+
+
+def consolidate_deepspeed(ckpt: str | Path) -> dict[str, Tensor]:
+    """fp32 state dict (prefixes stripped) of the DeepSpeed checkpoint directory ``ckpt`` =
+    ``.../checkpoints/TAG``.
+
+    With ZeRO optimizer shards (``*_optim_states.pt``, stages 1-3) the fp32 master weights are
+    merged by ``deepspeed.utils.zero_to_fp32``. Without them (ZeRO stage 0: the optimizer state is
+    inside the model-states file) the weights are ``mp_rank_00_model_states.pt``'s ``module``,
+    upcast to fp32 -- with bf16/fp16 training and no ZeRO those are the low-precision copies.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+    if not list(ckpt.glob("*model_states.pt")):
+        raise FileNotFoundError(f"no DeepSpeed *model_states.pt files in {ckpt} (is it a checkpoint tag dir?)")
+    if list(ckpt.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+            return clean_state_dict({k: v.float() for k, v in sd.items()})
+        except ValueError as exc:  # e.g. a bf16 optimizer file without ZeRO partitions
+            if "is not a zero checkpoint" not in str(exc):
+                raise
+    states = ckpt / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise FileNotFoundError(f"{states} not found and no ZeRO optimizer shards to merge")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    return clean_state_dict({k: v.float() for k, v in module.items()})
+
+
+def model_config_from_file(path: str | Path) -> ModelConfig:
+    """A :class:`ModelConfig` from a model YAML, or from a run config's top-level ``model:``
+    section (e.g. ``RUN_DIR/config.resolved.yaml``)."""
+    path = Path(path)
+    raw = load_yaml(path)
+    if "model" in raw:
+        return from_dict(ModelConfig, {"include": raw["model"]} if isinstance(raw["model"], str) else raw["model"],
+                         source=path)
+    return load_config(ModelConfig, path)
+
+
+def _find_run_config(ckpt: Path) -> Path:
+    run_dir = ckpt.parent.parent  # RUN_DIR/checkpoints/TAG
+    for name in ("config.resolved.yaml", "config.yaml"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise FileNotFoundError(f"no config.resolved.yaml or config.yaml in {run_dir}; pass --model-config")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mythos.export",
+        description="Consolidate a DeepSpeed checkpoint to fp32 safetensors (or a HF Llama directory).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/TAG")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--hf-llama", action="store_true",
+                        help="write a Hugging Face LlamaForCausalLM directory instead (dense Llama-style only)")
+    parser.add_argument("--model-config", help="model YAML or run config with a model: section "
+                        "(default: RUN_DIR/config.resolved.yaml, then RUN_DIR/config.yaml)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype for --hf-llama (consolidated output is always fp32)")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    try:
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint not found: {ckpt} (expected RUN_DIR/checkpoints/TAG)")
+        cfg = model_config_from_file(args.model_config or _find_run_config(ckpt))
+        if args.hf_llama and (bad := llama_incompatibilities(cfg)):
+            raise ValueError(f"cannot export to HF Llama: {', '.join(bad)}")  # fail before the slow merge
+        sd = consolidate_deepspeed(ckpt)
+        if args.hf_llama:
+            to_hf_llama(None, args.out, dtype=getattr(torch, args.dtype), cfg=cfg, state_dict=sd)
+        else:
+            save_consolidated(sd, cfg, args.out)
+    except (FileNotFoundError, ValueError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {'HF Llama' if args.hf_llama else 'consolidated fp32'} model to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
