@@ -135,11 +135,10 @@ class TrainLoader:
         loader = DataLoader(
             dataset,
             sampler=keys,
-            batch_size=None,  # keys already name whole micro-batches
+            batch_size=None,  # keys already name whole micro-batches; results come back in key order
             num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor,
             pin_memory=self.cfg.pin_memory,
-            in_order=True,  # results in key order whatever worker finishes first
         )
         return iter(loader)
 
