@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not ckpt.is_dir():
             raise FileNotFoundError(f"checkpoint not found: {ckpt} (expected RUN_DIR/checkpoints/TAG)")
+        if not (ckpt / "COMPLETE").is_file():  # the trainer's marker, written after every rank saved
+            print(f"warning: {ckpt} has no COMPLETE marker; it may be a partial save", file=sys.stderr)
         cfg = model_config_from_file(args.model_config or _find_run_config(ckpt))
         if args.hf_llama and (bad := llama_incompatibilities(cfg)):
             raise ValueError(f"cannot export to HF Llama: {', '.join(bad)}")  # fail before the slow merge
