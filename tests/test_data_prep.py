@@ -104,9 +104,7 @@ def test_tokenizer_card_and_determinism(data_corpus: SmallCorpus, tmp_path: Path
     card_b = json.loads((tmp_path / "b" / "card.json").read_text())
     tok = Tokenizer(tmp_path / "b")
     assert card_b["special_tokens"]["<|user|>"] == tok.sp.piece_to_id("<|user|>") > 3
-    assert tok.encode("<|user|>") == [card_b["special_tokens"]["<|user|>"]] or "<|user|>" in tok.sp.id_to_piece(
-        tok.encode("<|user|>")
-    )
+    assert card_b["special_tokens"]["<|user|>"] in tok.encode("say <|user|> once")  # never split
 
 
 def test_tokenizer_round_trips_exactly(data_corpus: SmallCorpus) -> None:
