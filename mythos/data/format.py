@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mythos.config import ConfigError
+from mythos.config import REPO_ROOT, ConfigError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -130,6 +130,8 @@ def data_hash(raw: dict[str, Any]) -> str:
 def load_manifest(directory: str | Path) -> Manifest:
     """Read and validate ``<directory>/manifest.json`` (a file path to it works too)."""
     directory = Path(directory)
+    if not directory.is_absolute() and not directory.exists() and (REPO_ROOT / directory).exists():
+        directory = REPO_ROOT / directory  # configs name repo-relative paths (data/demo/shards)
     path = directory if directory.name == MANIFEST_NAME else directory / MANIFEST_NAME
     if not path.is_file():
         raise DataFormatError(
