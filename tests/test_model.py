@@ -102,7 +102,7 @@ def test_spectral_radius_below_one_at_extremes(dtype: torch.dtype, value: float)
     assert rho.dtype == dtype
     assert torch.isfinite(rho) and 0.0 <= rho.item() < 1.0
     # the bound holds in the update that actually runs: |A_bar * h| < |h| for h = 1
-    a_bar, _ = inj.prepare(torch.zeros(1, 1, 8, dtype=dtype))
+    a_bar, _ = inj(torch.zeros(1, 1, 8, dtype=dtype))
     step = inj.step(torch.ones(1, 1, 8, dtype=dtype), (a_bar, torch.zeros(1, 1, 8, dtype=dtype)))
     assert (step < 1).all()
 
@@ -175,7 +175,7 @@ def test_truncated_backprop_has_no_gradient_from_early_iterations() -> None:
     model.zero_grad()
     rope = model.rope(0, x.shape[1])
     e = model.prelude_norm(model.run_block(model.prelude[0], model.embed(x), rope, None, None, (-1, 0)))
-    ctx = model.injection.prepare(e)
+    ctx = model.injection(e)
     h = torch.zeros_like(e)
     with torch.no_grad():
         for t in range(3):

@@ -33,6 +33,16 @@ class ModelOutput:
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
+class TokenEmbedding(nn.Embedding):
+    """Token embedding that also serves as the tied output head: ``embed(ids)`` looks up
+    ``[B, S] -> [B, S, d]``; ``embed(h, as_head=True)`` projects ``[B, S, d] -> [B, S, vocab]``.
+    Going through ``forward`` both times matters under ZeRO-3, which gathers a partitioned weight
+    only inside its owning module's forward."""
+
+    def forward(self, x: Tensor, as_head: bool = False) -> Tensor:  # type: ignore[override]
+        return F.linear(x, self.weight) if as_head else super().forward(x)
+
+
 class CausalLM(nn.Module):
     """Base class. Subclasses implement ``trunk(x, input_ids, ...)`` mapping embedded tokens
     ``[B, S, d]`` to final hidden states ``[B, S, d]`` plus auxiliary loss and metrics."""
@@ -40,7 +50,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model)
         kv_dim = cfg.kv_heads * cfg.head_dim
         self.value_embeds = nn.ModuleDict(
             {str(i): nn.Embedding(cfg.vocab_size, kv_dim) for i in range(cfg.total_layers) if cfg.has_value_embed(i)}
@@ -56,8 +66,7 @@ class CausalLM(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         h = self.norm(h)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return self.embed(h, as_head=True) if self.lm_head is None else self.lm_head(h)
 
     def run_block(
         self,

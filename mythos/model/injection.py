@@ -1,8 +1,10 @@
 """State injection for the RDT: how the loop state ``h`` and the prelude output ``e`` combine
 into the core's input ``u`` at every iteration.
 
-All three forms split into a part computed once per forward from ``e`` (``prepare``) and a cheap
-per-iteration update of ``h`` (``step``), because ``e`` does not change across iterations.
+All three forms split into a part computed once per forward from ``e`` (``forward``, returning
+a context) and a cheap per-iteration update of ``h`` (``step``), because ``e`` does not change
+across iterations. The parameters are only read inside ``forward`` (or by submodule calls), which
+is what ZeRO-3's parameter gathering requires.
 
 ``LTIInjection`` (Parcae) is the default and the reason the loop is stable::
 
@@ -59,7 +61,7 @@ class LTIInjection(nn.Module):
         """``max(A_bar)`` computed in the module's dtype (the bound the update actually has)."""
         return self.a_bar().max()
 
-    def prepare(self, e: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
         dt = torch.exp(_log_softplus(self.dt_bias.float())).to(e.dtype)
         return self.a_bar(e.dtype), dt * self.B(e)
 
@@ -77,7 +79,7 @@ class AdditiveInjection(nn.Module):
     def spectral_radius(self) -> Tensor:
         return torch.tensor(1.0)
 
-    def prepare(self, e: Tensor) -> Tensor:
+    def forward(self, e: Tensor) -> Tensor:
         return e
 
     def step(self, h: Tensor, ctx: Tensor) -> Tensor:
@@ -103,7 +105,7 @@ class ConcatInjection(nn.Module):
     def spectral_radius(self) -> Tensor:
         return torch.linalg.eigvals(self.h_proj.weight.float()).abs().max()
 
-    def prepare(self, e: Tensor) -> Tensor:
+    def forward(self, e: Tensor) -> Tensor:
         return self.e_proj(e)
 
     def step(self, h: Tensor, ctx: Tensor) -> Tensor:

@@ -186,7 +186,7 @@ class RDT(CausalLM):
         for j, block in enumerate(self.prelude):
             x = self.run_block(block, x, rope, self.value_embed(j, input_ids), cache, (-1, j))
         e = self.prelude_norm(x)
-        inj_ctx = self.injection.prepare(e)
+        inj_ctx = self.injection(e)
         off = self.core_layer_offset
         ve_core = [self.value_embed(off + j, input_ids) for j in range(cfg.n_core)]
 

@@ -67,8 +67,9 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 0
     """Steps between validation passes (0 = only at the end)."""
-    eval_batches: int = 8
-    """Validation batches per rank per pass (0 = the whole val split)."""
+    eval_batches: int = 0
+    """Validation batches per rank per pass; 0 = the whole val split, the only setting whose
+    result is independent of the world size (use it for comparisons)."""
     eval_loops: list[int] = field(default_factory=lambda: [1, 4, 8])
     """RDT: also evaluate at these loop counts (the training mean is always evaluated)."""
     save_interval: int = 0
@@ -80,7 +81,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (updates are skipped)."""
     inject_nan_steps: list[int] = field(default_factory=list)
-    """Fault injection for tests: rank 0's loss becomes NaN at these steps."""
+    """Fault injection for tests: rank 0's loss becomes NaN at these steps (1-based, as logged)."""
     dist_timeout_s: float = 900.0
     """Collective timeout: a hung rank becomes an error after this long."""
     compile: bool = False
@@ -164,13 +165,12 @@ def check_run(cfg: RunConfig, world_size: int) -> dict:
             f"{steps / steps_per_epoch:.2f} epochs of data.shards={cfg.data.shards} ({steps_per_epoch} steps each) "
             f"but train.max_epochs={t.max_epochs}; add data, lower the budget or raise train.max_epochs"
         )
-    if cfg.optim.name == "muon":
-        if _peek_zero_stage(cfg) == 0:
-            raise ConfigError(
-                "optim.name=muon needs ZeRO stage >= 1 (DeepSpeed runs Muon's Newton-Schulz step inside its ZeRO "
-                f"optimizer; stage 0 would silently train with SGD); use a zero1/2/3 deepspeed.config, not "
-                f"{cfg.deepspeed.config}"
-            )
+    if cfg.optim.name == "muon" and _peek_zero_stage(cfg) == 0:
+        raise ConfigError(
+            "optim.name=muon needs ZeRO stage >= 1 (DeepSpeed runs Muon's Newton-Schulz step inside its ZeRO "
+            f"optimizer; stage 0 would silently train with SGD); use a zero1/2/3 deepspeed.config, not "
+            f"{cfg.deepspeed.config}"
+        )
     return {"steps": steps, "steps_per_epoch": steps_per_epoch, "seq_len": manifest.seq_len,
             "train_samples": train_samples, "data_hash": manifest.data_hash, "vocab_size": manifest.vocab_size}
 

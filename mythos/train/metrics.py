@@ -30,7 +30,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            purge = resume_step + 1 if resume_step else None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         self._file = self.jsonl.open("a")
 
     def log(self, step: int, scalars: dict[str, float], *, histograms: dict[str, Any] | None = None) -> None:

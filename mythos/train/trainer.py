@@ -73,6 +73,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical init on every rank
         self.model = build_model(cfg.model)
+        self.n_params = self.model.num_params()  # before ZeRO-3 partitions the parameters
         if use_bf16(cfg, self.cuda):
             self.model = self.model.to(torch.bfloat16)
         self.ds_config = build_ds_config(cfg, self.info.world_size, self.cuda)
@@ -93,6 +94,7 @@ class Trainer:
         self.tokens_seen = 0
         self.flops_seen = 0.0
         self.bad_steps_total = 0
+        self.skipped_total = 0
         self.resumed_from = self._maybe_resume()
         self.logger = MetricsLogger(
             self.run_dir, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard, console=cfg.log.console,
@@ -156,6 +158,7 @@ class Trainer:
         self.tokens_seen = int(client["tokens_seen"])
         self.flops_seen = float(client["flops_seen"])
         self.bad_steps_total = int(client.get("bad_steps_total", 0))
+        self.skipped_total = int(client.get("skipped_total", 0))
         return str(path)
 
     def _write_run_files(self) -> None:
@@ -179,7 +182,7 @@ class Trainer:
             "data_hash": self.plan["data_hash"],
             "data_fingerprint": self.fingerprint,
             "model_hash": _section_hash(self.cfg.model),
-            "params": self.model.num_params(),
+            "params": self.n_params,
             "flops_per_token": self.flops_per_token,
             "total_steps": self.total_steps,
             "tokens_per_step": self.cfg.train.global_batch_size * self.plan["seq_len"],
@@ -213,7 +216,7 @@ class Trainer:
             loss = out.ce_sum * scale
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
-            if self.step in cfg.train.inject_nan_steps and self.info.is_main:
+            if self.step + 1 in cfg.train.inject_nan_steps and self.info.is_main:
                 loss = loss * float("nan")
             bad += (~torch.isfinite(loss.detach())).double()
             engine.backward(loss)
@@ -273,6 +276,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "flops_seen": self.flops_seen,
             "bad_steps_total": self.bad_steps_total,
+            "skipped_total": self.skipped_total,
             "data_fingerprint": self.fingerprint,
             "model_hash": _section_hash(self.cfg.model),
         }
@@ -308,7 +312,7 @@ class Trainer:
         if self.resumed_from:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
         self.logger.print(
-            f"{cfg.name}: {cfg.model.kind} {self.model.num_params() / 1e6:.2f}M params | world {self.info.world_size}"
+            f"{cfg.name}: {cfg.model.kind} {self.n_params / 1e6:.2f}M params | world {self.info.world_size}"
             f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {tokens_per_step} tokens"
             f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir}"
         )
@@ -323,29 +327,28 @@ class Trainer:
                 ).tolist()
                 if head[1] > 0:  # some rank got SIGTERM/SIGUSR1: all save this step and exit
                     self.save(data_state)
-                    self.logger.print(f"stopping on signal at step {self.step}: checkpoint saved; resume: auto continues")
+                    self.logger.print(f"stopping on signal at step {self.step}: checkpoint saved; resume: auto goes on")
                     return {"step": self.step, "stopped_on_signal": True}
                 stats = self.train_step(micro, head[0])
                 self.step += 1
-                if stats["bad"]:
-                    consecutive_bad += 1
-                    self.bad_steps_total += 1
-                    self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
-                    if consecutive_bad >= t.max_bad_steps:
-                        last = ckpt.list_tags(self.ckpt_root)
-                        where = last[-1][1] if last else "none yet"
-                        raise TrainingStopped(
-                            f"stopping: {consecutive_bad} consecutive steps with a non-finite loss (train.max_bad_steps="
-                            f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"
-                        )
-                else:
-                    consecutive_bad = 0
+                self.skipped_total += int(stats["skipped"])
+                consecutive_bad = consecutive_bad + 1 if stats["bad"] else 0
+                self.bad_steps_total += int(stats["bad"])
                 self.tokens_seen += tokens_per_step
                 self.flops_seen += self.flops_per_token * tokens_per_step
                 window.append(time.perf_counter() - step_t0)
-                if self.step % t.log_interval == 0 or self.step == self.total_steps:
+                if stats["bad"]:
+                    self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
+                if self.step % t.log_interval == 0 or self.step == self.total_steps or stats["bad"]:
                     self.log_metrics(stats, window, start_step, t0)
                     window = []
+                if consecutive_bad >= t.max_bad_steps:
+                    last = ckpt.list_tags(self.ckpt_root)
+                    where = last[-1][1] if last else "none yet"
+                    raise TrainingStopped(
+                        f"stopping: {consecutive_bad} consecutive steps with a non-finite loss (train.max_bad_steps="
+                        f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"
+                    )
                 self.maybe_eval(force=self.step == self.total_steps)
                 if (t.save_interval and self.step % t.save_interval == 0) or self.step == self.total_steps:
                     self.save()
@@ -366,6 +369,7 @@ class Trainer:
             "train/tokens": self.tokens_seen,
             "train/flops": self.flops_seen,
             "train/bad_steps": self.bad_steps_total,
+            "train/skipped_updates": self.skipped_total,
             "perf/step_time_s": step_time,
             "perf/tokens_per_s": tok_s,
             "perf/tokens_per_s_per_device": tok_s / self.info.world_size,

@@ -1,0 +1,208 @@
+"""End-to-end pretraining through the real ``deepspeed`` launcher with 2 CPU ranks (gloo):
+ZeRO-2 and ZeRO-3, loop checkpointing under ZeRO-3, exact resume after SIGKILL, signal-agreed
+saves, tensorboard, identical data fingerprints, the NaN guard and config guards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import (
+    kill_group,
+    metrics,
+    rank_pids,
+    run_training,
+    start_training,
+    train_losses,
+    wait_for_step,
+)
+
+from mythos.train import checkpoint as ckpt
+
+pytest_plugins = ["data_fixtures"]
+pytestmark = pytest.mark.slow
+
+RDT = "configs/run/rdt-tiny-cpu.yaml"
+DENSE = "configs/run/dense-tiny-cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(data_corpus) -> Path:
+    return data_corpus.shards_dir
+
+
+@pytest.fixture(scope="module")
+def zero2_runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The dense and the RDT arm, 4 steps each, ZeRO-2, identical data config."""
+    root = tmp_path_factory.mktemp("zero2")
+    runs = {}
+    for name, config in (("dense", DENSE), ("rdt", RDT)):
+        runs[name] = root / name
+        run_training(config, runs[name], shards, ["train.max_steps=4", "train.save_interval=2"])
+    return runs
+
+
+def test_zero2_runs_write_everything_a_user_needs(zero2_runs: dict[str, Path]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name, run in zero2_runs.items():
+        info = json.loads((run / "run_info.json").read_text())
+        assert info["world_size"] == 2 and info["zero_stage"] == 2 and info["kind"] == name
+        assert (run / "config.resolved.yaml").is_file() and (run / "ds_config.json").is_file()
+        ds = json.loads((run / "ds_config.json").read_text())
+        assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+        assert [s for s, _ in ckpt.list_tags(run / "checkpoints")] == [2, 4]
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "train/flops", "val/loss"):
+            assert tag in tags, (name, tag)
+        assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+        losses = [e.value for e in acc.Scalars("train/loss")]
+        assert all(0 < v < 10 for v in losses)
+        if name == "rdt":
+            rho = [e.value for e in acc.Scalars("rdt/spectral_radius")]
+            assert all(0 < r < 1 for r in rho)
+            assert "val/loss@1" in tags and "val/loss@2" in tags and "rdt/loops_mean" in tags
+
+
+def test_both_arms_consume_identical_data(zero2_runs: dict[str, Path]) -> None:
+    a, b = (json.loads((zero2_runs[k] / "run_info.json").read_text()) for k in ("dense", "rdt"))
+    assert a["data_fingerprint"] == b["data_fingerprint"] and a["data_hash"] == b["data_hash"]
+    assert a["tokens_per_step"] == b["tokens_per_step"]
+    ta, tb = ([m for m in metrics(zero2_runs[k]) if "train/tokens" in m][-1] for k in ("dense", "rdt"))
+    assert ta["train/tokens"] == tb["train/tokens"]
+
+
+def test_zero3_looped_block_with_varying_loops_and_checkpointing(shards: Path, tmp_path: Path) -> None:
+    """ZeRO-3 with a core that runs a different (sampled) T every step: per-iteration activation
+    checkpointing must give exactly the losses of no checkpointing."""
+    common = ["deepspeed.config=configs/deepspeed/zero3.yaml", "train.max_steps=4", "model.loops.mean=3"]
+    run_training(RDT, tmp_path / "plain", shards, common)
+    run_training(RDT, tmp_path / "ckpt", shards, [*common, "model.checkpoint_loops=true",
+                                                   "model.checkpoint_layers=true"])
+    plain, ck = train_losses(tmp_path / "plain"), train_losses(tmp_path / "ckpt")
+    assert len(plain) == 4 and plain == ck
+    loops = [m["rdt/loops_max"] for m in metrics(tmp_path / "plain") if "rdt/loops_max" in m]
+    assert len(set(loops)) > 1  # T really varied between steps
+
+
+def test_exact_resume_after_sigkill_and_signal(shards: Path, tmp_path: Path) -> None:
+    """Uninterrupted run vs. the same run SIGKILLed, resumed, stopped by SIGUSR1 on ONE rank,
+    and resumed again: the per-step losses are bit-identical."""
+    args = ["train.max_steps=20", "train.save_interval=3", "train.eval_interval=3"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    run_training(RDT, ref_dir, shards, args)
+    ref = train_losses(ref_dir)
+
+    proc = start_training(RDT, run_dir, shards, args)
+    wait_for_step(run_dir, 5, proc)  # checkpoint 3 is complete, step 5 logged
+    kill_group(proc, signal.SIGKILL)
+    assert [s for s, _ in ckpt.list_tags(run_dir / "checkpoints")][-1] in (3, 6)
+
+    proc = start_training(RDT, run_dir, shards, args)
+    wait_for_step(run_dir, 7, proc)
+    os.kill(rank_pids(run_dir)[1], signal.SIGUSR1)  # only rank 1 hears it; both must save the same step
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping on signal" in out
+    saved = ckpt.list_tags(run_dir / "checkpoints")[-1]
+    assert 7 <= saved[0] < 20 and ckpt.is_complete(saved[1])
+
+    run_training(RDT, run_dir, shards, args)
+    assert train_losses(run_dir) == ref
+    # the resumed segments never duplicate a step in metrics.jsonl
+    steps = [m["step"] for m in metrics(run_dir) if "train/loss" in m]
+    assert steps == sorted(set(steps))
+    vals = {m["step"]: m["val/loss"] for m in metrics(run_dir) if "val/loss" in m}
+    assert vals == {m["step"]: m["val/loss"] for m in metrics(ref_dir) if "val/loss" in m}
+
+
+def test_gradient_accumulation_is_token_weighted(shards: Path, tmp_path: Path) -> None:
+    """Same global batch as 2 ranks x 2 micro x accum 2 and as 2 ranks x 4 micro x accum 1."""
+    run_training(DENSE, tmp_path / "acc2", shards, ["train.max_steps=3"])
+    run_training(DENSE, tmp_path / "acc1", shards, ["train.max_steps=3", "train.micro_batch_size=4"])
+    a, b = train_losses(tmp_path / "acc2"), train_losses(tmp_path / "acc1")
+    assert a.keys() == b.keys()
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
+
+
+def test_nan_guard_skips_updates_then_stops(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "nan"
+    proc = run_training(
+        DENSE, run, shards,
+        ["train.max_steps=8", "train.save_interval=1", "train.keep_last=8", "train.inject_nan_steps=[1,3,4,5]",
+         "train.max_bad_steps=3"],
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert err and "3 consecutive steps with a non-finite loss" in err[0] and "step0000004" in err[0]
+    m = {r["step"]: r for r in metrics(run) if "train/loss" in r}
+    assert m[1]["train/bad_steps"] == 1 and m[2]["train/bad_steps"] == 1
+    assert m[2]["train/loss"] == m[2]["train/loss"] and m[2]["train/skipped_updates"] == 1  # finite
+    assert m[5]["train/bad_steps"] == 4 and m[5]["train/skipped_updates"] == 4
+    # the updates of bad steps were skipped: weights after step 2 (good) == after steps 3, 4 (bad)
+    tags = dict(ckpt.list_tags(run / "checkpoints"))
+    assert max(tags) == 4
+    w2, w4 = _weights(tags[2]), _weights(tags[4])
+    assert all(torch.equal(w2[k], w4[k]) for k in w2)
+    w1 = _weights(tags[1])
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)  # good step 2 did update
+
+
+def _weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def test_muon_under_zero2_trains(shards: Path, tmp_path: Path) -> None:
+    run_training(RDT, tmp_path / "muon", shards, ["train.max_steps=6", "optim.name=muon", "optim.lr=3e-3"])
+    losses = list(train_losses(tmp_path / "muon").values())
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ fast guards (no launcher)
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.global_batch_size=7", "global batch size 7 is not divisible by world size 2"),
+        ("model.vocab_size=100", "model.vocab_size=100 is smaller than the tokenizer's vocab 1024"),
+        ("model.max_seq_len=32", "shards hold sequences of 64 tokens but model.max_seq_len=32"),
+        ("train.max_steps=100000", "the data runs out"),
+        ("train.bogus=1", "unknown config key 'train.bogus'"),
+        ("optim.name=muon", "optim.name=muon needs ZeRO stage >= 1"),
+    ],
+)
+def test_config_guards_fail_before_any_process_group(shards: Path, override: str, message: str, capsys,
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from train_utils import REPO, TINY
+
+    sys.path.insert(0, str(REPO / "launch"))
+    import pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    extra = ["deepspeed.config=configs/deepspeed/zero0.yaml"] if "muon" in override else []
+    code = pretrain.main(["--config", DENSE, f"run_dir={tmp_path}", f"data.shards={shards}", *TINY, *extra, override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    from train_utils import REPO, ds_env
+
+    proc = subprocess.run(
+        [sys.executable, "launch/pretrain.py", "--config", "configs/run/nope.yaml"], cwd=REPO, env=ds_env(),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: config not found: 'configs/run/nope.yaml'")

@@ -1,0 +1,119 @@
+"""Helpers for the end-to-end training tests: launch ``launch/pretrain.py`` through the real
+``deepspeed`` launcher with 2 CPU ranks (gloo), and read back what a run wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: A model small enough that a 2-rank step takes well under a second on 2 cores.
+TINY = [
+    "model.vocab_size=1024", "model.d_model=64", "model.n_heads=2", "model.mlp_hidden=128",
+    "model.max_seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2",
+    "train.log_interval=1", "train.eval_interval=0", "train.eval_batches=2", "train.eval_loops=[1,2]",
+    "train.dist_timeout_s=120", "optim.warmup_steps=2",
+]
+
+
+def ds_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        # one shared extensions dir: only the first launch compiles DeepSpeed's shm op
+        TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mythos-torch-ext")),
+    )
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(config: str, run_dir: Path, shards: Path, overrides: list[str], nproc: int = 2) -> list[str]:
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+        "--master_port", str(free_port()), "launch/pretrain.py", "--config", config,
+        f"run_dir={run_dir}", f"data.shards={shards}", *TINY, *overrides,
+    ]
+
+
+def run_training(config: str, run_dir: Path, shards: Path, overrides: list[str] = (), *, nproc: int = 2,
+                 timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        launch_cmd(config, run_dir, shards, list(overrides), nproc), cwd=REPO, env=ds_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start_training(config: str, run_dir: Path, shards: Path, overrides: list[str] = ()) -> subprocess.Popen:
+    return subprocess.Popen(
+        launch_cmd(config, run_dir, shards, list(overrides)), cwd=REPO, env=ds_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until *this* process has logged ``step`` (a file left by an earlier, killed run with
+    higher steps does not count: the new run rewrites metrics.jsonl when it starts)."""
+    started = time.time()
+    deadline = started + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        fresh = path.exists() and path.stat().st_mtime >= started
+        if fresh and max(train_losses(run_dir), default=0) >= step and len(rank_pids(run_dir)) == 2:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """local rank -> pid of the training processes of this run (found via /proc cmdlines)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if "launch/pretrain.py" in args and f"run_dir={run_dir}" in args:
+            for a in args:
+                if a.startswith("--local_rank="):
+                    out[int(a.split("=")[1])] = int(d.name)
+    return out
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
