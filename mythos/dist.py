@@ -46,7 +46,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     collective becomes an error instead of a silent stall. Single-process runs without the env
     get a one-rank gloo group on a loopback port, so the same code path runs everywhere."""
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
 
+    # DeepSpeed logs its whole config and every engine detail at INFO on every rank; mythos has
+    # its own rank-0 console line, so keep DeepSpeed to warnings unless asked.
+    ds_logger.setLevel(os.environ.get("MYTHOS_DS_LOG_LEVEL", "WARNING").upper())
     info = env_info()
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
