@@ -80,6 +80,34 @@ def test_both_arms_consume_identical_data(zero2_runs: dict[str, Path]) -> None:
     assert ta["train/tokens"] == tb["train/tokens"]
 
 
+def test_export_of_two_rank_zero_checkpoints(zero2_runs: dict[str, Path], tmp_path: Path) -> None:
+    """`python -m mythos.export` consolidates a real 2-rank ZeRO-2 checkpoint exactly; the dense
+    arm also exports to Hugging Face Llama with matching logits."""
+    from train_utils import REPO
+
+    from mythos.export import load_consolidated
+
+    models = {}
+    for name, run in zero2_runs.items():
+        tag = run / "checkpoints" / "step0000004"
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint", str(tag), "--out", str(out)],
+                       cwd=REPO, check=True, capture_output=True, timeout=300)
+        models[name] = load_consolidated(out).eval()
+        state = models[name].state_dict()
+        for key, value in _weights(tag).items():
+            assert torch.equal(state[key], value), key
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint",
+                    str(zero2_runs["dense"] / "checkpoints" / "step0000004"), "--out", str(hf_dir), "--hf-llama"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, models["dense"](ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_zero3_looped_block_with_varying_loops_and_checkpointing(shards: Path, tmp_path: Path) -> None:
     """ZeRO-3 with a core that runs a different (sampled) T every step: per-iteration activation
     checkpointing must give exactly the losses of no checkpointing."""
