@@ -32,7 +32,7 @@ from mythos.model.loops import sample_loop_counts
 from mythos.train import checkpoint as ckpt
 from mythos.train.config import RunConfig, check_run
 from mythos.train.ds_config import build_ds_config, use_bf16, write_ds_config
-from mythos.train.evaluate import evaluate
+from mythos.train.evaluate import TokenBytes, evaluate
 from mythos.train.metrics import MetricsLogger, format_line
 from mythos.train.optim import lr_multiplier, muon_eligible, param_groups, set_lr
 from mythos.train.signals import StopFlag
@@ -78,6 +78,9 @@ class Trainer:
             self.model = self.model.to(torch.bfloat16)
         self.ds_config = build_ds_config(cfg, self.info.world_size, self.cuda)
         self.engine = self._initialize()
+        if t.compile:
+            # DeepSpeed wraps torch.compile around the module it owns, keeping its ZeRO hooks.
+            self.engine.compile()
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (h0 noise)
@@ -88,6 +91,8 @@ class Trainer:
         self.val_loader = build_val_loader(cfg.data, t.micro_batch_size, self.info.rank, self.info.world_size)
         self.fingerprint = self.loader.fingerprint()
         self.flops_per_token = self._flops_per_token()
+        self._hw_flops_cache: dict[float | None, float] = {}
+        self._meta_model = build_model(cfg.model, device="meta")
         self.peak_flops = self._peak_flops()
 
         self.step = 0
@@ -129,9 +134,24 @@ class Trainer:
         return engine
 
     def _flops_per_token(self) -> float:
+        """Model FLOPs per token (MFU): the RDT at its *expected* loop count E[T], E[k]."""
         from mythos.accounting import flops_per_token
 
         return float(flops_per_token(self.cfg.model, self.plan["seq_len"]).total)
+
+    def _hardware_flops_per_token(self, executed_loops: float | None) -> float:
+        """FLOPs the hardware ran per token (HFU): the RDT executes the step's max T for every
+        sequence, and activation checkpointing recomputes forwards. Cached per loop count."""
+        from mythos.accounting import flops_per_token
+
+        key = None if executed_loops is None else round(executed_loops, 3)
+        if key not in self._hw_flops_cache:
+            ckpt_on = self.cfg.model.checkpoint_layers or self.cfg.model.checkpoint_loops
+            self._hw_flops_cache[key] = float(flops_per_token(
+                self.cfg.model, self.plan["seq_len"], loops_mean=executed_loops, include_recompute=ckpt_on,
+                model=self._meta_model,
+            ).total)
+        return self._hw_flops_cache[key]
 
     def _peak_flops(self) -> float | None:
         if self.cfg.log.peak_tflops:
@@ -254,11 +274,13 @@ class Trainer:
         due = t.eval_interval and self.step % t.eval_interval == 0
         if not (due or force):
             return {}
+        if not hasattr(self, "_token_bytes"):  # bits per byte need the tokenizer; None when it is not found
+            self._token_bytes = TokenBytes.for_shards(self.cfg.data.shards)
         self.engine.eval()
         try:
             res = evaluate(
                 self.engine, lambda: iter(self.val_loader), self.cfg.model, self.device,
-                loops=t.eval_loops, max_batches=t.eval_batches,
+                loops=t.eval_loops, max_batches=t.eval_batches, token_bytes=self._token_bytes,
             )
         finally:
             self.engine.train()
@@ -308,6 +330,8 @@ class Trainer:
         tokens_per_step = t.global_batch_size * self.plan["seq_len"]
         start_step, t0 = self.step, time.perf_counter()
         window: list[float] = []
+        data_wait: list[float] = []
+        loops_run: list[float] = []
         consecutive_bad = 0
         if self.resumed_from:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
@@ -321,6 +345,7 @@ class Trainer:
                 step_t0 = time.perf_counter()
                 data_state = self.loader.state_dict()
                 micro = self.loader.next_step()
+                data_wait.append(time.perf_counter() - step_t0)
                 local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
                 head = dist.all_reduce_sum(
                     torch.tensor([local_tokens, float(stop.raised)], dtype=torch.float64, device=self.device)
@@ -337,11 +362,13 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 self.flops_seen += self.flops_per_token * tokens_per_step
                 window.append(time.perf_counter() - step_t0)
+                if "rdt/loops_max" in stats:
+                    loops_run.append(stats["rdt/loops_max"])
                 if stats["bad"]:
                     self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
                 if self.step % t.log_interval == 0 or self.step == self.total_steps or stats["bad"]:
-                    self.log_metrics(stats, window, start_step, t0)
-                    window = []
+                    self.log_metrics(stats, window, data_wait, loops_run, start_step, t0)
+                    window, data_wait, loops_run = [], [], []
                 if consecutive_bad >= t.max_bad_steps:
                     last = ckpt.list_tags(self.ckpt_root)
                     where = last[-1][1] if last else "none yet"
@@ -358,7 +385,8 @@ class Trainer:
             self.logger.close()
             self.loader.close()
 
-    def log_metrics(self, stats: dict[str, Any], window: list[float], start_step: int, t0: float) -> None:
+    def log_metrics(self, stats: dict[str, Any], window: list[float], data_wait: list[float],
+                    loops_run: list[float], start_step: int, t0: float) -> None:
         tokens_per_step = self.cfg.train.global_batch_size * self.plan["seq_len"]
         step_time = float(np.mean(window))
         tok_s = tokens_per_step / step_time
@@ -371,14 +399,19 @@ class Trainer:
             "train/bad_steps": self.bad_steps_total,
             "train/skipped_updates": self.skipped_total,
             "perf/step_time_s": step_time,
+            "perf/data_wait_frac": float(np.sum(data_wait) / max(np.sum(window), 1e-9)),
             "perf/tokens_per_s": tok_s,
             "perf/tokens_per_s_per_device": tok_s / self.info.world_size,
             "perf/memory_gb": self._memory_gb(),
         }
         if "grad_norm" in stats:
             m["train/grad_norm"] = stats["grad_norm"]
-        if self.peak_flops:
+        hw_flops = self._hardware_flops_per_token(float(np.mean(loops_run)) if loops_run else None)
+        m["perf/model_tflops_per_device"] = self.flops_per_token * tok_s / self.info.world_size / 1e12
+        m["perf/hardware_tflops_per_device"] = hw_flops * tok_s / self.info.world_size / 1e12
+        if self.peak_flops:  # MFU counts model FLOPs; HFU what ran (max-T loops, recompute)
             m["perf/mfu"] = self.flops_per_token * tok_s / (self.peak_flops * self.info.world_size)
+            m["perf/hfu"] = hw_flops * tok_s / (self.peak_flops * self.info.world_size)
         hist = {}
         if self.cfg.model.kind == "rdt":
             m["rdt/spectral_radius"] = self._spectral_radius()
