@@ -13,7 +13,19 @@ from typing import Any
 
 #: Suffixes we know how to read (see :mod:`data_prep.sources`); anything else in a directory is
 #: skipped (so a corpus directory may hold READMEs, licences, checksums, ...).
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".md.gz", ".jsonl", ".jsonl.gz", ".text")
+TEXT_SUFFIXES = (
+    ".txt",
+    ".txt.gz",
+    ".txt.zst",
+    ".md",
+    ".md.gz",
+    ".md.zst",
+    ".jsonl",
+    ".jsonl.gz",
+    ".jsonl.zst",
+    ".text",
+    ".parquet",
+)
 
 _HASH_CHUNK = 1 << 20
 _UMASK = os.umask(0)

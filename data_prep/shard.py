@@ -21,6 +21,18 @@ Pipeline (one straight line, deterministic):
 
 An output directory that holds shards of a *different* build (other params/tokenizer/inputs) is
 refused unless ``--overwrite``.
+
+**Partitioned builds** (``--num-partitions N``; see :mod:`data_prep.partition` and
+:mod:`data_prep.merge`): the inputs are cut into work units and partition ``i`` packs only its
+units, into shards named ``{split}-p{i:05d}-{k:05d}.tar``, and records them in
+``partitions/p{i:05d}.json``. ``--partition i`` runs one partition (a SLURM array task); without
+it all N run one after another in this process and are merged, which gives the same bytes as N
+array tasks followed by ``python -m data_prep.merge OUT``. A partition whose partial manifest
+and shards are already complete is skipped.
+
+**Filters**: ``--min-chars`` and ``--dedup none|partition|global`` (see
+:mod:`data_prep.partition`), applied in input order before tokenization and counted in the
+manifest (``filters``).
 """
 
 from __future__ import annotations
@@ -51,6 +63,18 @@ from data_prep.common import (
     sha256_bytes,
     sha256_file,
 )
+from data_prep.partition import (
+    DEFAULT_UNIT_BYTES,
+    PARTITIONS_DIR,
+    DocFilter,
+    Unit,
+    assign_units,
+    partial_manifest_path,
+    partition_shard_prefix,
+    plan_units,
+    quick_fingerprint,
+    unit_sha256,
+)
 from data_prep.sources import SourceOptions, SourceStats, iter_documents
 from data_prep.tarwriter import tar_bytes
 from mythos.data.format import (
@@ -69,6 +93,8 @@ from mythos.data.tokenizer import Tokenizer
 BATCH_BYTES = 1 << 20
 #: Hidden file recording the build key while a build is in progress (see ``_check_out_dir``).
 BUILD_MARKER = ".build.json"
+#: Version of the per-partition manifest (``partitions/pNNNNN.json``) read by data_prep.merge.
+PARTIAL_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,14 @@ class ShardParams:
     plain_docs: str = "paragraph"
     seed: int = 0
     dtype: str = "auto"
+    min_chars: int = 0
+    """Drop documents shorter than this many characters (0 = keep all)."""
+    dedup: str = "none"
+    """Exact-duplicate removal: ``none``, ``partition`` or ``global`` (see data_prep.partition)."""
+    num_partitions: int = 0
+    """0 = classic single build (``train-NNNNN.tar``); N >= 1 = partitioned build (``--num-partitions``)."""
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+    """Work-unit size of a partitioned build (part of its identity: it decides who packs what)."""
 
     def validate(self) -> None:
         if self.seq_len < 1:
@@ -91,6 +125,25 @@ class ShardParams:
             raise DataPrepError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1:
             raise DataPrepError(f"--shard-tokens must be >= 1, got {self.shard_tokens}")
+        if self.min_chars < 0:
+            raise DataPrepError(f"--min-chars must be >= 0, got {self.min_chars}")
+        if self.dedup not in ("none", "partition", "global"):
+            raise DataPrepError(f"--dedup must be none, partition or global, got {self.dedup!r}")
+        if self.num_partitions < 0:
+            raise DataPrepError(f"--num-partitions must be >= 1, got {self.num_partitions}")
+        if self.unit_bytes < 1:
+            raise DataPrepError(f"--unit-bytes must be >= 1, got {self.unit_bytes}")
+
+    def key_params(self, dtype: str) -> dict[str, Any]:
+        """The parameters entering the build key. Fields added after the first release enter it
+        only when set (or, for a partitioned build, always), so shard directories built before
+        they existed keep their key and stay "up to date"."""
+        d = {**asdict(self), "dtype": dtype}
+        defaults = ShardParams(seq_len=self.seq_len)
+        for name in ("min_chars", "dedup", "num_partitions", "unit_bytes"):
+            if not self.num_partitions and d[name] == getattr(defaults, name):
+                del d[name]
+        return d
 
     @property
     def samples_per_shard(self) -> int:
@@ -167,6 +220,8 @@ class SplitPacker:
     samples_per_shard: int
     dtype: str
     out_dir: Path
+    prefix: str = ""
+    """Partition part of the shard names (``p00003`` -> ``train-p00003-00000.tar``); '' = classic."""
     pending: list[np.ndarray] = field(default_factory=list)
     pending_tokens: int = 0
     shards: list[dict[str, Any]] = field(default_factory=list)
@@ -202,7 +257,9 @@ class SplitPacker:
         self.pending = [rest] if len(rest) else []
         self.pending_tokens = len(rest)
         samples = flat[:n_tokens].astype(self.dtype).reshape(-1, self.seq_len + 1)
-        self.shards.append(self._write(shard_name(self.split, len(self.shards)), samples))
+        k = len(self.shards)
+        name = f"{self.split}-{self.prefix}-{k:05d}.tar" if self.prefix else shard_name(self.split, k)
+        self.shards.append(self._write(name, samples))
 
     def _write(self, name: str, samples: np.ndarray) -> dict[str, Any]:
         data = tar_bytes((member_name(name, i), encode_npy(row)) for i, row in enumerate(samples))
@@ -224,12 +281,25 @@ class SplitPacker:
         }
 
 
-def _batches(files: Sequence[Path], opts: SourceOptions, stats: dict[str, SourceStats]) -> Iterator[list[str]]:
+#: One read job: (input file, span within it or None for the whole file); see data_prep.partition.
+WorkItem = tuple[Path, "tuple[int, int | None] | None"]
+
+
+def _work_batches(
+    work: Sequence[WorkItem],
+    opts: SourceOptions,
+    stats: dict[str, SourceStats],
+    doc_filter: DocFilter | None = None,
+) -> Iterator[list[str]]:
+    """Documents of ``work`` in order, filtered, cut into ~``BATCH_BYTES`` batches. Batching does
+    not affect the output (documents are tokenized independently and re-joined in order)."""
     batch: list[str] = []
     size = 0
-    for f in files:
-        st = stats[f.as_posix()] = SourceStats()
-        for doc in iter_documents(f, opts, st):
+    for f, span in work:
+        st = stats.setdefault(f.as_posix(), SourceStats())
+        for doc in iter_documents(f, opts, st, span):
+            if doc_filter is not None and not doc_filter.keep(doc):
+                continue
             batch.append(doc)
             size += len(doc)
             if size >= BATCH_BYTES:
@@ -237,6 +307,11 @@ def _batches(files: Sequence[Path], opts: SourceOptions, stats: dict[str, Source
                 batch, size = [], 0
     if batch:
         yield batch
+
+
+def _batches(files: Sequence[Path], opts: SourceOptions, stats: dict[str, SourceStats]) -> Iterator[list[str]]:
+    """Whole files, no filter (kept for ``bench/data_throughput.py``)."""
+    return _work_batches([(f, None) for f in files], opts, stats)
 
 
 def _tokenize_stream(batches: Iterator[list[str]], init_args: tuple, workers: int) -> Iterator[BatchResult]:
@@ -290,7 +365,8 @@ def _check_out_dir(out: Path, build: dict[str, Any], overwrite: bool) -> dict[st
 
 
 def _clear(out: Path) -> None:
-    for p in [out / MANIFEST_NAME, out / BUILD_MARKER, *out.glob("*-[0-9][0-9][0-9][0-9][0-9].tar*")]:
+    partials = (out / PARTITIONS_DIR).glob("p*.json")
+    for p in [out / MANIFEST_NAME, out / BUILD_MARKER, *out.glob("*-[0-9][0-9][0-9][0-9][0-9].tar*"), *partials]:
         p.unlink(missing_ok=True)
 
 
@@ -302,19 +378,8 @@ def _verify_existing(out: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def build_shards(
-    tokenizer: str | Path,
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    params: ShardParams,
-    workers: int = 1,
-    overwrite: bool = False,
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """Build (or resume, or confirm) a shard directory; returns the manifest dict."""
-    params.validate()
-    t0 = time.perf_counter()
-    files = expand_inputs(inputs)
+def _load_tokenizer(tokenizer: str | Path, params: ShardParams) -> tuple[Tokenizer, str]:
+    """The tokenizer and the shard dtype, with the vocabulary / EOS checks."""
     try:
         tok = Tokenizer(tokenizer)
     except (FileNotFoundError, RuntimeError, OSError) as exc:
@@ -327,60 +392,12 @@ def build_shards(
         )
     if tok.eos_id < 0:
         raise DataPrepError(f"tokenizer {tok.path} has no EOS id (train it with data_prep.train_tokenizer)")
-    inputs_desc = describe_inputs(files)
-    build = {
-        "params": {**asdict(params), "dtype": dtype},
-        "tokenizer_sha256": tok.sha256,
-        # content, not paths: moving the corpus does not change the build
-        "inputs": [[d["sha256"], d["bytes"]] for d in inputs_desc],
-    }
-    build["key"] = sha256_bytes(canonical_json(build).encode())
-    out = Path(out_dir)
-    existing = _check_out_dir(out, build, overwrite)
-    if existing is not None and _verify_existing(out, existing):
-        print(f"{out}: up to date ({len(existing['shards'])} shards verified)", file=sys.stderr)
-        return existing
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / BUILD_MARKER, build)
+    return tok, dtype
 
-    opts = SourceOptions(params.text_field, params.on_bad_utf8, params.plain_docs)  # type: ignore[arg-type]
-    source_stats: dict[str, SourceStats] = {}
-    packers = {
-        split: SplitPacker(split, params.seq_len, params.samples_per_shard, dtype, out) for split in ("train", "val")
-    }
-    init_args = (str(tok.path), tok.eos_id, params.val_fraction, params.seed)
-    total = sum(d["bytes"] for d in inputs_desc)
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc="tokenize",
-        disable=None if progress is None else not progress,
-        file=sys.stderr,
-    ) as bar:
-        for res in _tokenize_stream(_batches(files, opts, source_stats), init_args, workers):
-            packers["train"].add(res.train, res.docs[0], res.text_bytes[0])
-            packers["val"].add(res.val, res.docs[1], res.text_bytes[1])
-            bar.update(sum(res.text_bytes))
-    dropped = {split: p.finish() for split, p in packers.items()}
 
-    n_docs = sum(p.documents for p in packers.values())
-    if n_docs == 0:
-        raise DataPrepError(f"empty corpus: no documents in {', '.join(map(str, inputs))}")
-    train = packers["train"]
-    if not train.shards:
-        raise DataPrepError(
-            f"empty corpus: {train.stream_tokens} train tokens is less than one sample of seq_len+1="
-            f"{params.seq_len + 1} tokens (add text or lower --seq-len)"
-        )
-    if params.val_fraction > 0 and not packers["val"].shards:
-        print(
-            f"warning: val split has {packers['val'].stream_tokens} tokens, less than one sample; "
-            f"no val shards written (raise --val-fraction or add text)",
-            file=sys.stderr,
-        )
-
-    manifest: dict[str, Any] = {
+def _manifest_header(params: ShardParams, dtype: str, tok: Tokenizer, build: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields shared by a classic manifest, every partial manifest and the merge."""
+    return {
         "format_version": FORMAT_VERSION,
         "seq_len": params.seq_len,
         "tokens_per_sample": params.seq_len + 1,
@@ -401,6 +418,129 @@ def build_shards(
             "unk_id": tok.unk_id,
         },
         "build": build,
+        "versions": {"sentencepiece": spm.__version__, "numpy": np.__version__},
+    }
+
+
+def split_summary(documents: int, text_bytes: int, stream_tokens: int, shards: list[dict], dropped: int) -> dict:
+    """One ``splits.<split>`` entry of a manifest (also used by data_prep.merge to sum partitions)."""
+    return {
+        "documents": documents,
+        "text_bytes": text_bytes,
+        "stream_tokens": stream_tokens,
+        "samples": sum(s["num_samples"] for s in shards),
+        "tokens": sum(s["num_tokens"] for s in shards),
+        "dropped_tail_tokens": dropped,
+        # bytes per stored token (EOS included): converts loss/token into bits/byte
+        "bytes_per_token": round(text_bytes / stream_tokens, 6) if stream_tokens else None,
+    }
+
+
+def _pack(
+    work: Sequence[WorkItem],
+    tok: Tokenizer,
+    dtype: str,
+    params: ShardParams,
+    out: Path,
+    workers: int,
+    progress: bool | None,
+    doc_filter: DocFilter,
+    prefix: str = "",
+    total_bytes: int = 0,
+) -> tuple[dict[str, SplitPacker], dict[str, int], dict[str, SourceStats]]:
+    """Read, filter, tokenize and pack ``work`` into shards under ``out``; returns the packers
+    (shard lists and counts), the dropped tail per split and the per-file read statistics."""
+    opts = SourceOptions(params.text_field, params.on_bad_utf8, params.plain_docs)  # type: ignore[arg-type]
+    source_stats: dict[str, SourceStats] = {}
+    packers = {
+        split: SplitPacker(split, params.seq_len, params.samples_per_shard, dtype, out, prefix)
+        for split in ("train", "val")
+    }
+    init_args = (str(tok.path), tok.eos_id, params.val_fraction, params.seed)
+    with tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc=f"tokenize {prefix}".strip(),
+        disable=None if progress is None else not progress,
+        file=sys.stderr,
+    ) as bar:
+        for res in _tokenize_stream(_work_batches(work, opts, source_stats, doc_filter), init_args, workers):
+            packers["train"].add(res.train, res.docs[0], res.text_bytes[0])
+            packers["val"].add(res.val, res.docs[1], res.text_bytes[1])
+            bar.update(sum(res.text_bytes))
+    dropped = {split: p.finish() for split, p in packers.items()}
+    return packers, dropped, source_stats
+
+
+def _filters_record(params: ShardParams, doc_filter: DocFilter) -> dict[str, Any]:
+    scope = "none" if params.dedup == "none" else "run" if params.num_partitions <= 1 else params.dedup
+    return {"min_chars": params.min_chars, "dedup": params.dedup, "dedup_scope": scope, **doc_filter.stats()}
+
+
+def build_shards(
+    tokenizer: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    params: ShardParams,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    partition: int | None = None,
+) -> dict[str, Any]:
+    """Build (or resume, or confirm) a shard directory; returns the manifest dict.
+
+    With ``params.num_partitions = N`` the build is partitioned: ``partition=i`` builds only
+    partition ``i`` and returns its partial manifest; ``partition=None`` builds all N in turn and
+    returns the merged manifest (byte-identical to N separate runs + ``data_prep.merge``)."""
+    params.validate()
+    t0 = time.perf_counter()
+    files = expand_inputs(inputs)
+    tok, dtype = _load_tokenizer(tokenizer, params)
+    if params.num_partitions:
+        return _build_partitioned(files, tok, dtype, params, Path(out_dir), partition, workers, overwrite, progress)
+    if partition is not None:
+        raise DataPrepError("--partition needs --num-partitions N (the total number of partitions)")
+    inputs_desc = describe_inputs(files)
+    build = {
+        "params": params.key_params(dtype),
+        "tokenizer_sha256": tok.sha256,
+        # content, not paths: moving the corpus does not change the build
+        "inputs": [[d["sha256"], d["bytes"]] for d in inputs_desc],
+    }
+    build["key"] = sha256_bytes(canonical_json(build).encode())
+    out = Path(out_dir)
+    existing = _check_out_dir(out, build, overwrite)
+    if existing is not None and _verify_existing(out, existing):
+        print(f"{out}: up to date ({len(existing['shards'])} shards verified)", file=sys.stderr)
+        return existing
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / BUILD_MARKER, build)
+
+    doc_filter = DocFilter(params.min_chars, params.dedup)  # type: ignore[arg-type]
+    total = sum(d["bytes"] for d in inputs_desc)
+    packers, dropped, source_stats = _pack(
+        [(f, None) for f in files], tok, dtype, params, out, workers, progress, doc_filter, total_bytes=total
+    )
+
+    n_docs = sum(p.documents for p in packers.values())
+    if n_docs == 0:
+        raise DataPrepError(f"empty corpus: no documents in {', '.join(map(str, inputs))}")
+    train = packers["train"]
+    if not train.shards:
+        raise DataPrepError(
+            f"empty corpus: {train.stream_tokens} train tokens is less than one sample of seq_len+1="
+            f"{params.seq_len + 1} tokens (add text or lower --seq-len)"
+        )
+    if params.val_fraction > 0 and not packers["val"].shards:
+        print(
+            f"warning: val split has {packers['val'].stream_tokens} tokens, less than one sample; "
+            f"no val shards written (raise --val-fraction or add text)",
+            file=sys.stderr,
+        )
+
+    manifest: dict[str, Any] = {
+        **_manifest_header(params, dtype, tok, build),
         "inputs": [
             {
                 **d,
@@ -410,21 +550,12 @@ def build_shards(
             }
             for d in inputs_desc
         ],
+        "filters": _filters_record(params, doc_filter),
         "splits": {
-            split: {
-                "documents": p.documents,
-                "text_bytes": p.text_bytes,
-                "stream_tokens": p.stream_tokens,
-                "samples": sum(s["num_samples"] for s in p.shards),
-                "tokens": sum(s["num_tokens"] for s in p.shards),
-                "dropped_tail_tokens": dropped[split],
-                # bytes per stored token (EOS included): converts loss/token into bits/byte
-                "bytes_per_token": round(p.text_bytes / p.stream_tokens, 6) if p.stream_tokens else None,
-            }
+            split: split_summary(p.documents, p.text_bytes, p.stream_tokens, p.shards, dropped[split])
             for split, p in packers.items()
         },
         "shards": packers["train"].shards + packers["val"].shards,
-        "versions": {"sentencepiece": spm.__version__, "numpy": np.__version__},
     }
     manifest["data_hash"] = data_hash(manifest)
     atomic_write_json(out / MANIFEST_NAME, manifest)
@@ -441,16 +572,148 @@ def build_shards(
     return manifest
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _build_partitioned(
+    files: list[Path],
+    tok: Tokenizer,
+    dtype: str,
+    params: ShardParams,
+    out: Path,
+    partition: int | None,
+    workers: int,
+    overwrite: bool,
+    progress: bool | None,
+) -> dict[str, Any]:
+    n = params.num_partitions
+    if partition is not None:
+        if not 0 <= partition < n:
+            raise DataPrepError(f"--partition {partition} is outside 0..{n - 1} (--num-partitions {n})")
+        if overwrite:
+            raise DataPrepError(
+                "--overwrite with --partition would delete the other partitions' shards; "
+                "clear --out once (or run without --partition) instead"
+            )
+    # A partition must not read the whole corpus to agree on the build key: inputs are keyed by
+    # size + head/tail hash; each unit's full content hash is recorded by the partition reading it.
+    inputs_desc = [
+        {"path": f.as_posix(), "bytes": f.stat().st_size, "fingerprint": quick_fingerprint(f)} for f in files
+    ]
+    build = {
+        "params": params.key_params(dtype),
+        "tokenizer_sha256": tok.sha256,
+        "inputs": [[d["fingerprint"], d["bytes"]] for d in inputs_desc],
+        "input_identity": "sha256(size, first MiB, last MiB) per file; per-unit sha256 in inputs[].units",
+    }
+    build["key"] = sha256_bytes(canonical_json(build).encode())
+    existing = _check_out_dir(out, build, overwrite)
+    if existing is not None and _verify_existing(out, existing):
+        print(f"{out}: up to date ({len(existing['shards'])} shards verified)", file=sys.stderr)
+        return existing
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / BUILD_MARKER, build)
+
+    units = plan_units(files, params.unit_bytes, params.plain_docs)
+    owners = assign_units(units, n)
+    header = _manifest_header(params, dtype, tok, build)
+    todo = [partition] if partition is not None else list(range(n))
+    partials = [
+        _run_partition(i, files, inputs_desc, units, owners, header, tok, dtype, params, out, workers, progress)
+        for i in todo
+    ]
+    if partition is not None:
+        return partials[0]
+    from data_prep.merge import merge_partitions  # merge imports this module's helpers
+
+    return merge_partitions(out)
+
+
+def _run_partition(
+    i: int,
+    files: list[Path],
+    inputs_desc: list[dict[str, Any]],
+    units: list[Unit],
+    owners: list[int],
+    header: dict[str, Any],
+    tok: Tokenizer,
+    dtype: str,
+    params: ShardParams,
+    out: Path,
+    workers: int,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """Pack partition ``i`` and write ``partitions/p{i:05d}.json`` (skipped when complete)."""
+    n = params.num_partitions
+    path = partial_manifest_path(out, i)
+    prev = _read_json(path)
+    if prev is not None and prev.get("build", {}).get("key") == header["build"]["key"] and _verify_existing(out, prev):
+        print(f"{out}: partition {i} of {n} already complete ({len(prev['shards'])} shards verified)", file=sys.stderr)
+        return prev
+    path.unlink(missing_ok=True)  # a stale or corrupt partial must not outlive a re-run that fails
+    t0 = time.perf_counter()
+    doc_filter = DocFilter(params.min_chars, params.dedup, n, i)  # type: ignore[arg-type]
+    mine = units if doc_filter.hash_assigned else [u for u, o in zip(units, owners) if o == i]
+    packers, dropped, source_stats = _pack(
+        [(files[u.file], u.span) for u in mine],
+        tok,
+        dtype,
+        params,
+        out,
+        workers,
+        progress,
+        doc_filter,
+        prefix=partition_shard_prefix(i),
+        total_bytes=sum(u.weight for u in mine),
+    )
+    empty = SourceStats()
+    partial: dict[str, Any] = {
+        **header,
+        "partial_version": PARTIAL_VERSION,
+        "num_partitions": n,
+        "partition": i,
+        "units": [{**u.to_json(), "sha256": unit_sha256(files[u.file], u)} for u in mine],
+        "inputs": [
+            {
+                **d,
+                "documents": source_stats.get(d["path"], empty).documents,
+                "skipped_bad_utf8": source_stats.get(d["path"], empty).skipped_bad_utf8,
+                "replaced_bad_utf8": source_stats.get(d["path"], empty).replaced_bad_utf8,
+            }
+            for d in inputs_desc
+        ],
+        "filters": _filters_record(params, doc_filter),
+        "splits": {
+            split: split_summary(p.documents, p.text_bytes, p.stream_tokens, p.shards, dropped[split])
+            for split, p in packers.items()
+        },
+        "shards": packers["train"].shards + packers["val"].shards,
+    }
+    atomic_write_json(path, partial)  # last: its presence means the partition is complete
+    written = sum(p.written for p in packers.values())
+    print(
+        f"{out}: partition {i} of {n}: {len(partial['shards'])} shards ({written} written), "
+        f"{len(mine)} units, {doc_filter.kept} documents kept, {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
+    return partial
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
-    p.add_argument("--input", nargs="+", required=True, help="text/jsonl(.gz) files or directories")
+    p.add_argument("--input", nargs="+", required=True, help="text/jsonl (.gz/.zst) or parquet files, or directories")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     p.add_argument("--seq-len", type=int, required=True, help="model context; samples hold seq_len+1 tokens")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1))
     p.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (approx.)")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
     p.add_argument("--on-bad-utf8", choices=("error", "replace", "skip"), default="error")
     p.add_argument(
         "--plain-docs",
@@ -462,6 +725,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the val split hash")
     p.add_argument("--overwrite", action="store_true", help="replace shards of a different build in --out")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("filters (recorded in the manifest; see data_prep.partition)")
+    g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (characters)")
+    g.add_argument(
+        "--dedup",
+        choices=("none", "partition", "global"),
+        default="none",
+        help="drop exact duplicates within each partition, or across the run (hash-assigned partitions)",
+    )
+    g = p.add_argument_group("partitioned builds (SLURM arrays; merge with python -m data_prep.merge OUT)")
+    g.add_argument("--num-partitions", type=int, default=0, help="total partitions N (part of the build identity)")
+    g.add_argument("--partition", type=int, default=None, help="build only partition i in 0..N-1 (no merge)")
+    g.add_argument("--unit-bytes", type=int, default=DEFAULT_UNIT_BYTES, help="work-unit size for partitioning")
     return p
 
 
@@ -476,6 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plain_docs=a.plain_docs,
         seed=a.seed,
         dtype=a.dtype,
+        min_chars=a.min_chars,
+        dedup=a.dedup,
+        num_partitions=a.num_partitions,
+        unit_bytes=a.unit_bytes,
     )
     build_shards(
         a.tokenizer,
@@ -485,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=a.workers,
         overwrite=a.overwrite,
         progress=False if a.no_progress else None,
+        partition=a.partition,
     )
     return 0
 
