@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mythos.config import ConfigError
 from mythos.data.config import DataConfig
 from mythos.data.dataset import PackedSamples
-from mythos.data.format import Manifest, load_manifest
+from mythos.data.format import Manifest
+from mythos.data.mixture import ResolvedData, resolve_data
 from mythos.data.order import GlobalOrder, Position, check_batch_geometry, rank_slice
 
 #: Label value ignored by the loss (``torch.nn.functional.cross_entropy`` default).
@@ -91,9 +92,13 @@ class TrainLoader:
         self.rank, self.world_size = rank, world_size
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.grad_accum_steps = check_batch_geometry(global_batch_size, micro_batch_size, world_size)
-        self.manifest: Manifest = load_manifest(cfg.shards)
-        self.data_hash = self.manifest.data_hash
-        self.samples = PackedSamples(self.manifest, "train", cfg.verify, cfg.index_cache)
+        # one directory or a mixture (mythos.data.mixture); the first source's manifest gives
+        # seq_len, dtype and the token ids, which all sources of a mixture share
+        self.data: ResolvedData = resolve_data(cfg)
+        self.manifest: Manifest = self.data.manifest
+        self.data_hash = self.data.data_hash
+        self.samples = self.data.open("train", cfg.verify, cfg.index_cache, seed=cfg.seed)
+        self._source_samples = np.zeros(len(self.data.names), dtype=np.int64)
         self.order = GlobalOrder(self.samples.num_samples, cfg.seed, global_batch_size, cfg.shuffle)
         self._pos = Position()
         self._steps = 0
@@ -148,6 +153,7 @@ class TrainLoader:
         if self._it is None:
             self._it = self._stream()
         micro = [next(self._it) for _ in range(self.grad_accum_steps)]
+        self._source_samples += self.data.source_counts(self.samples, self.order.global_batch(self._pos))
         self._pos = self.order.advance(self._pos)
         self._steps += 1
         self._samples_consumed += self.global_batch_size
@@ -171,6 +177,7 @@ class TrainLoader:
             "samples_consumed": self._samples_consumed,
             "tokens_consumed": self._samples_consumed * self.tokens_per_sample,
             "global_batch_size": self.global_batch_size,
+            "source_samples": [int(x) for x in self._source_samples],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,8 +187,8 @@ class TrainLoader:
             raise ConfigError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state["data_hash"] != self.data_hash:
             raise ConfigError(
-                f"data loader state was saved for data {state['data_hash'][:12]}, but data.shards="
-                f"{self.cfg.shards} holds data {self.data_hash[:12]} (resume with the same shards)"
+                f"data loader state was saved for data {state['data_hash'][:12]}, but "
+                f"{self.data.description} holds data {self.data_hash[:12]} (resume with the same shards)"
             )
         for key in ("seed", "shuffle"):
             if state[key] != getattr(self.cfg, key):
@@ -194,7 +201,38 @@ class TrainLoader:
         self._pos = Position(int(state["epoch"]), int(state["offset"]))
         self._steps = int(state["steps"])
         self._samples_consumed = int(state["samples_consumed"])
+        saved = state.get("source_samples")
+        if saved is not None and len(saved) == len(self.data.names):
+            self._source_samples = np.array(saved, dtype=np.int64)
+        else:  # a state from before per-source counts: recount from the position
+            self._source_samples = self._recount_sources()
         self._it = None  # restart the stream (and any workers) at the new position
+
+    # ---- per-source accounting (mixtures) ------------------------------------------------------
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """Source labels, in config order (one entry, the directory name, without a mixture)."""
+        return self.data.names
+
+    def samples_per_source(self) -> dict[str, int]:
+        """Training samples consumed so far from each source, over all ranks (exact)."""
+        return {n: int(c) for n, c in zip(self.data.names, self._source_samples)}
+
+    def tokens_per_source(self) -> dict[str, int]:
+        """Trained tokens consumed so far from each source, over all ranks: samples x seq_len, the
+        measure of ``tokens_consumed`` (sums to it). Identical on every rank, so rank 0 can log it."""
+        return {n: c * self.tokens_per_sample for n, c in self.samples_per_source().items()}
+
+    def _recount_sources(self) -> np.ndarray:
+        """Per-source samples consumed up to the current position, assuming the current global
+        batch size throughout (each finished epoch dropped its own tail)."""
+        counts = np.zeros(len(self.data.names), dtype=np.int64)
+        pos = self.order.normalize(self._pos)
+        used = self.order.steps_per_epoch * self.global_batch_size
+        for e in range(pos.epoch):
+            counts += self.data.source_counts(self.samples, self.order.permutation(e)[:used])
+        counts += self.data.source_counts(self.samples, self.order.permutation(pos.epoch)[: pos.offset])
+        return counts
 
     # ---- identity ----------------------------------------------------------------------------
     def fingerprint(self, n_samples: int | None = None) -> str:
@@ -231,8 +269,9 @@ class ValLoader:
             raise ConfigError(f"rank {rank} out of range for world size {world_size}")
         if batch_size < 1:
             raise ConfigError(f"val batch size must be >= 1, got {batch_size}")
-        self.manifest = load_manifest(cfg.shards)
-        self.samples = PackedSamples(self.manifest, "val", cfg.verify, cfg.index_cache)
+        data = resolve_data(cfg)  # a mixture evaluates on all its sources' val samples, in source order
+        self.manifest = data.manifest
+        self.samples = data.open("val", cfg.verify, cfg.index_cache)
         self.batch_size = batch_size
         n = self.samples.num_samples
         per_rank = math.ceil(n / world_size)
