@@ -41,12 +41,14 @@ def verify_shard(path: Path, info: ShardInfo, mode: str) -> None:
 
 
 class PackedSamples:
-    """All samples of one split. ``self[g] -> np.ndarray [tokens_per_sample]`` (uint16/uint32)."""
+    """All samples of one split. ``self[g] -> np.ndarray [tokens_per_sample]`` (uint16/uint32), or
+    ``[2, tokens_per_sample]`` (tokens, loss mask) when the manifest has ``loss_mask``."""
 
     def __init__(self, manifest: Manifest, split: str, verify: str = "full", index_cache: bool = True):
         self.manifest = manifest
         self.split = split
         self.tokens_per_sample = manifest.tokens_per_sample
+        self.rows = manifest.sample_rows
         infos = manifest.split_shards(split)
         self.readers: list[ShardReader] = []
         for info in infos:
@@ -55,7 +57,7 @@ class PackedSamples:
             if not path.is_file():  # verify == "none" still cannot read a missing file
                 raise DataFormatError(f"shard {path} is missing (re-run data_prep.shard)")
             index = load_index(path, info.sha256, info.num_samples, index_cache)
-            self.readers.append(ShardReader(path, index, manifest.dtype, self.tokens_per_sample))
+            self.readers.append(ShardReader(path, index, manifest.dtype, self.tokens_per_sample, self.rows))
         counts = np.array([len(r) for r in self.readers], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_samples = int(self._starts[-1])
@@ -70,8 +72,10 @@ class PackedSamples:
         return self.readers[k].read(int(g - self._starts[k]))
 
     def get_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``int64 [len(indices), tokens_per_sample]`` in the given order."""
-        out = np.empty((len(indices), self.tokens_per_sample), dtype=np.int64)
+        """``int64 [len(indices), tokens_per_sample]`` in the given order (``[n, 2, tokens_per_sample]``
+        for loss-masked data)."""
+        shape = (self.tokens_per_sample,) if self.rows == 1 else (self.rows, self.tokens_per_sample)
+        out = np.empty((len(indices), *shape), dtype=np.int64)
         for row, g in enumerate(indices):
             out[row] = self[int(g)]
         return out

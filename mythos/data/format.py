@@ -11,6 +11,11 @@ Each tar member is one packed sample ``"<shard stem>/<i:08d>.tokens.npy"`` (webd
 token ids, ``uint16`` when the vocabulary fits (<= 65536) else ``uint32``. The extra token makes
 ``input_ids = x[:-1]`` and ``labels = x[1:]`` without crossing samples.
 
+**Loss-masked samples** (supervised tasks, e.g. :mod:`mythos.tasks`; manifest ``"loss_mask":
+true``): each member is a 2-D ``[2, seq_len + 1]`` array, row 0 the token ids and row 1 a 0/1
+mask; token ``x[j]`` is a training target iff ``mask[j] == 1`` (the loader turns the others into
+``IGNORE_INDEX`` labels). Packed LM shards never carry the key, so their hash is unchanged.
+
 This module has no torch import: the writer uses it too.
 """
 
@@ -93,11 +98,18 @@ class Manifest:
     tokenizer_sha256: str
     shards: tuple[ShardInfo, ...]
     raw: dict[str, Any]
+    loss_mask: bool = False
+    """Samples carry a target mask row (see the module docstring)."""
 
     @property
     def tokens_per_sample(self) -> int:
         """Tokens stored per sample: ``seq_len + 1``."""
         return self.seq_len + 1
+
+    @property
+    def sample_rows(self) -> int:
+        """Rows per stored sample: 1 (tokens) or 2 (tokens + loss mask)."""
+        return 2 if self.loss_mask else 1
 
     def split_shards(self, split: str) -> tuple[ShardInfo, ...]:
         return tuple(s for s in self.shards if s.split == split)
@@ -124,6 +136,8 @@ def data_hash(raw: dict[str, Any]) -> str:
         "tokenizer_sha256": raw["tokenizer"]["sha256"],
         "shards": [[s["name"], s["split"], s["num_samples"], s["num_tokens"], s["sha256"]] for s in raw["shards"]],
     }
+    if raw.get("loss_mask"):  # only masked (task) data has the key: LM data hashes are unchanged
+        ident["loss_mask"] = True
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -168,6 +182,7 @@ def load_manifest(directory: str | Path) -> Manifest:
             tokenizer_sha256=tok["sha256"],
             shards=shards,
             raw=raw,
+            loss_mask=bool(raw.get("loss_mask", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, DataFormatError):

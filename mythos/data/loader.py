@@ -44,8 +44,15 @@ Batch = dict[str, torch.Tensor]
 
 
 def to_batch(tokens: np.ndarray) -> Batch:
-    """``[b, L+1]`` stored tokens -> ``input_ids = x[:, :-1]``, ``labels = x[:, 1:]`` (int64 [b, L])."""
+    """``[b, L+1]`` stored tokens -> ``input_ids = x[:, :-1]``, ``labels = x[:, 1:]`` (int64 [b, L]).
+
+    Loss-masked samples ``[b, 2, L+1]`` (tokens, mask) give ``labels = IGNORE_INDEX`` wherever
+    the target token's mask is 0 (e.g. everything but a task's answer)."""
     t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    if t.dim() == 3:
+        t, mask = t[:, 0], t[:, 1]
+        labels = t[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+        return {"input_ids": t[:, :-1].contiguous(), "labels": labels.contiguous()}
     return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
 
 

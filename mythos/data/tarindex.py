@@ -68,13 +68,16 @@ def load_index(shard: Path, sha256: str, expected_samples: int, cache: bool) -> 
 
 
 class ShardReader:
-    """Reads packed samples of one shard by position. ``read(i) -> np.ndarray [tokens_per_sample]``."""
+    """Reads packed samples of one shard by position. ``read(i) -> np.ndarray [tokens_per_sample]``,
+    or ``[rows, tokens_per_sample]`` for loss-masked shards (``rows = 2``: tokens, mask)."""
 
-    def __init__(self, path: Path, index: np.ndarray, dtype: str, tokens_per_sample: int):
+    def __init__(self, path: Path, index: np.ndarray, dtype: str, tokens_per_sample: int, rows: int = 1):
         self.path = path
         self.index = index
         self.dtype = np.dtype(dtype)
         self.tokens_per_sample = tokens_per_sample
+        self.rows = rows
+        self.shape = (tokens_per_sample,) if rows == 1 else (rows, tokens_per_sample)
         self._fd: int | None = None
         self._pid = -1
         self._header = -1  # .npy header length, identical for all members of a shard
@@ -97,7 +100,8 @@ class ShardReader:
             raise DataFormatError(f"shard {self.path}: short read at sample {i} (file truncated?)")
         if self._header < 0:
             self._header = self._parse_header(data, i)
-        return np.frombuffer(data, dtype=self.dtype, offset=self._header)
+        arr = np.frombuffer(data, dtype=self.dtype, offset=self._header)
+        return arr if self.rows == 1 else arr.reshape(self.shape)
 
     def _parse_header(self, data: bytes, i: int) -> int:
         """Check the first member's .npy header against the manifest; return its length."""
@@ -110,10 +114,10 @@ class ShardReader:
             shape, _, dtype = read_header(buf)
         except ValueError:
             shape, dtype = None, None
-        if shape != (self.tokens_per_sample,) or dtype != self.dtype:
+        if shape != self.shape or dtype != self.dtype:
             raise DataFormatError(
                 f"shard {self.path}: sample {i} is {dtype} {shape}, manifest says {self.dtype} "
-                f"({self.tokens_per_sample},) (manifest and shard disagree; rebuild)"
+                f"{self.shape} (manifest and shard disagree; rebuild)"
             )
         return buf.tell()
 

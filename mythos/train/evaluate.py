@@ -1,19 +1,62 @@
-"""Validation loss / perplexity on the held-out shards, for the RDT at several loop counts.
+"""Validation loss / perplexity / bits per byte on the held-out shards, for the RDT at several
+loop counts. The one implementation behind training's periodic eval (``Trainer.maybe_eval``) and
+``python -m mythos.eval``.
 
 Every rank walks its share of the val split (the same number of batches on every rank, so the
 collectives ZeRO-3 runs inside a forward stay matched) and token sums are all-reduced: the
 result is the exact token-weighted loss over the whole split, independent of world size.
+
+**Bits per byte** = ``sum CE (nats) / ln 2 / sum bytes`` over the same label tokens, with each
+label's exact UTF-8 byte count from the tokenizer (:class:`TokenBytes`; EOS counts 0 bytes but
+its loss counts). It does not depend on the vocabulary, so it compares models with different
+tokenizers, and it equals the manifest's mean only on average.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 
 from mythos import dist
 from mythos.model.config import ModelConfig
+
+
+class TokenBytes:
+    """Exact UTF-8 bytes covered by label tokens (see :mod:`mythos.data.tokenizer`).
+
+    ``table [vocab]`` holds each id's byte length; with ``dummy_prefix`` a label whose input token
+    is EOS (a document start in ``doc EOS doc`` packing) counts one byte less. Ignored labels
+    (``< 0``) count nothing."""
+
+    def __init__(self, table: torch.Tensor, eos_id: int, dummy_prefix: bool) -> None:
+        self.table = table.long()
+        self.eos_id = eos_id
+        self.dummy_prefix = dummy_prefix
+
+    @classmethod
+    def for_shards(cls, shards: str | Path) -> TokenBytes | None:
+        """From the tokenizer recorded in ``shards``' manifest; None when it is not available."""
+        from mythos.data.format import load_manifest
+        from mythos.data.tokenizer import find_tokenizer
+
+        manifest = load_manifest(shards)
+        tok = find_tokenizer(manifest.raw, manifest.directory)
+        if tok is None:
+            return None
+        table, dummy = tok.byte_lengths()
+        return cls(torch.from_numpy(table), tok.eos_id, dummy)
+
+    def count(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Total bytes (int64 scalar) of the valid labels in ``labels [B, S]`` (inputs ``[B, S]``)."""
+        valid = labels >= 0
+        table = self.table.to(labels.device)
+        n = table[labels.clamp(min=0)]
+        if self.dummy_prefix:
+            n = n - (input_ids == self.eos_id).long()
+        return (n.clamp(min=0) * valid).sum()
 
 
 def eval_loop_counts(cfg: ModelConfig, extra: Sequence[int]) -> list[int | None]:
@@ -33,28 +76,40 @@ def evaluate(
     *,
     loops: Sequence[int] = (),
     max_batches: int = 0,
+    token_bytes: TokenBytes | None = None,
 ) -> dict[str, float]:
-    """Returns ``{"val/loss": .., "val/ppl": ..}`` at the default depth and, for the RDT,
-    ``val/loss@T`` / ``val/ppl@T`` for each loop count. ``forward`` is the engine or module
-    (already in eval mode); ``batches()`` yields a fresh pass over this rank's val batches."""
+    """Returns ``{"val/loss", "val/ppl", "val/tokens"}`` (+ ``"val/bpb", "val/bytes"`` with
+    ``token_bytes``) at the default depth and, for the RDT, ``val/loss@T`` / ``val/ppl@T`` /
+    ``val/bpb@T`` for each loop count. ``forward`` is the engine or module (already in eval
+    mode); ``batches()`` yields a fresh pass over this rank's val batches."""
     out: dict[str, float] = {}
     counts = eval_loop_counts(model_cfg, loops)
     default = counts[0] if model_cfg.kind == "dense" else int(model_cfg.loops.eval_loops or round(model_cfg.loops.mean))
     for t in counts:
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce nats, tokens, bytes
         for i, batch in enumerate(batches()):
             if max_batches and i >= max_batches:
                 break
             kwargs = {} if t is None else {"num_loops": t}
-            res = forward(batch["input_ids"].to(device), labels=batch["labels"].to(device), **kwargs)
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            res = forward(ids, labels=labels, **kwargs)
             sums[0] += res.ce_sum.double()
             sums[1] += res.n_tokens.double()
+            if token_bytes is not None:
+                sums[2] += token_bytes.count(ids, labels).double()
         dist.all_reduce_sum(sums)
         loss = (sums[0] / sums[1].clamp(min=1)).item()
         ppl = math.exp(min(loss, 50.0))
+        bpb = (sums[0] / math.log(2) / sums[2]).item() if token_bytes is not None and sums[2] > 0 else None
         if t is not None:
             out[f"val/loss@{t}"], out[f"val/ppl@{t}"] = loss, ppl
+            if bpb is not None:
+                out[f"val/bpb@{t}"] = bpb
         if t == default:
             out["val/loss"], out["val/ppl"] = loss, ppl
+            if bpb is not None:
+                out["val/bpb"] = bpb
         out["val/tokens"] = sums[1].item()
+        if bpb is not None:
+            out["val/bytes"] = sums[2].item()
     return out

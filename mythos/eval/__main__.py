@@ -1,0 +1,5 @@
+import sys
+
+from mythos.eval.cli import main
+
+sys.exit(main())

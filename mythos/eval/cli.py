@@ -1,0 +1,170 @@
+"""``python -m mythos.eval``: evaluate a trained run on its held-out split (and a multi-hop task).
+
+    python -m mythos.eval --run runs/demo/rdt-tiny [--checkpoint step0000200] \\
+        [--loops 1,2,4,8,12,16,24,32] [--multihop data/multihop/khop] [--out FILE]
+
+Computes, with the same function training's periodic eval uses (:func:`mythos.train.evaluate.evaluate`):
+validation loss, perplexity and bits per byte over the *whole* val split of the run's data (exact
+token-weighted sums; bpb from exact per-token byte counts), for an RDT at every ``--loops`` count
+and at its default depth. ``--multihop DIR`` adds exact-match accuracy per hop count (and loop
+count) on ``DIR/test.jsonl``. Results go to ``RUN/eval/results.json`` (atomically; sections of an
+earlier result for the *same* checkpoint that this call did not recompute are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mythos.config import ConfigError
+from mythos.train.checkpoint import atomic_write_text
+
+DEFAULT_LOOPS = (1, 2, 4, 8, 12, 16, 24, 32)
+RESULTS = Path("eval") / "results.json"
+
+
+def parse_loops(text: str) -> list[int]:
+    try:
+        loops = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--loops must be comma-separated integers, got '{text}'") from None
+    if not loops or loops[0] < 1:
+        raise ConfigError(f"--loops must be integers >= 1, got '{text}'")
+    return loops
+
+
+def evaluate_lm(run: Any, loops: Sequence[int], batch_size: int, max_batches: int = 0) -> dict[str, Any]:
+    """Val loss / ppl / bpb of a loaded run over its whole val split, per loop count."""
+    from mythos.data import build_val_loader
+    from mythos.train.evaluate import TokenBytes, evaluate
+
+    cfg = run.cfg
+    val = build_val_loader(cfg.data, batch_size)
+    if val.num_samples == 0:
+        raise ConfigError(f"data.shards={cfg.data.shards} has no val samples (re-shard with --val-fraction > 0)")
+    token_bytes = TokenBytes.for_shards(cfg.data.shards)
+    res = evaluate(run.model, lambda: iter(val), cfg.model, torch.device("cpu"), loops=loops,
+                   max_batches=max_batches, token_bytes=token_bytes)
+    out: dict[str, Any] = {
+        "split": "val",
+        "samples": val.num_samples if not max_batches else min(val.num_samples, max_batches * batch_size),
+        "tokens": res["val/tokens"],
+        "loss": res["val/loss"],
+        "ppl": res["val/ppl"],
+        "bpb": res.get("val/bpb"),
+        "bytes": res.get("val/bytes"),
+        "bpb_method": "exact per-token UTF-8 bytes from the tokenizer" if token_bytes else "unavailable: tokenizer "
+                      "not found (see mythos.data.tokenizer.find_tokenizer)",
+    }
+    if cfg.model.kind == "rdt":
+        out["default_loops"] = int(cfg.model.loops.eval_loops or round(cfg.model.loops.mean))
+        out["by_loops"] = {
+            k.split("@")[1]: {"loss": v, "ppl": res[f"val/ppl@{k.split('@')[1]}"],
+                              "bpb": res.get(f"val/bpb@{k.split('@')[1]}")}
+            for k, v in sorted(res.items(), key=lambda kv: int(kv[0].split("@")[1]) if "@" in kv[0] else -1)
+            if k.startswith("val/loss@")
+        }
+    return out
+
+
+def run_eval(
+    run_dir: str | Path,
+    *,
+    checkpoint: str | None = None,
+    loops: Sequence[int] = DEFAULT_LOOPS,
+    multihop: str | Path | None = None,
+    out: str | Path | None = None,
+    lm: bool = True,
+    batch_size: int = 0,
+    max_batches: int = 0,
+) -> dict[str, Any]:
+    """Evaluate ``run_dir`` and write the results file; returns the results dict."""
+    from mythos.eval.loading import load_run
+    from mythos.eval.multihop import evaluate_multihop
+    from mythos.tasks.build import load_task_card, load_test_examples
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    run = load_run(run_dir, checkpoint)
+    is_rdt = run.cfg.model.kind == "rdt"
+    out_path = Path(out) if out else Path(run_dir) / RESULTS
+    results: dict[str, Any] = {}
+    if out_path.is_file():
+        old = json.loads(out_path.read_text())
+        if old.get("checkpoint") == run.checkpoint:
+            results = old  # keep sections this call does not recompute
+    tokens_per_step = run.info.get("tokens_per_step")
+    results.update({
+        "run_dir": str(run_dir),
+        "name": run.cfg.name,
+        "kind": run.cfg.model.kind,
+        "checkpoint": run.checkpoint,
+        "step": run.step,
+        "tokens_seen": run.step * tokens_per_step if tokens_per_step and run.step >= 0 else None,
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "data_hash": run.info.get("data_hash"),
+        "data_fingerprint": run.info.get("data_fingerprint"),
+        "loops": list(loops) if is_rdt else None,
+    })
+    bs = batch_size or run.cfg.train.micro_batch_size
+    if lm:
+        results["lm"] = evaluate_lm(run, loops if is_rdt else (), bs, max_batches)
+    if multihop is not None:
+        card = load_task_card(multihop)
+        examples = load_test_examples(multihop)
+        res = evaluate_multihop(run.model, examples, loops if is_rdt else ())
+        results["multihop"] = {"task_dir": str(multihop), "task": card["task"], "data_hash": card["data_hash"],
+                               "train_hops": card["train_hops"], **res}
+    results["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    results["time"] = time.time()
+    atomic_write_text(out_path, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    """Human-readable lines for the console."""
+    lines = [f"{results['name']} ({results['kind']}, {results['params'] / 1e6:.2f}M params) at {results['checkpoint']}"]
+    lm = results.get("lm")
+    if lm:
+        bpb = f" | bpb {lm['bpb']:.4f}" if lm.get("bpb") is not None else ""
+        lines.append(f"  val loss {lm['loss']:.4f} | ppl {lm['ppl']:.2f}{bpb} ({lm['tokens']:.0f} tokens)")
+        for t, v in lm.get("by_loops", {}).items():
+            b = f" | bpb {v['bpb']:.4f}" if v.get("bpb") is not None else ""
+            lines.append(f"    T={t:>3}: loss {v['loss']:.4f}{b}")
+    mh = results.get("multihop")
+    if mh:
+        hops = list(mh["count"])
+        lines.append(f"  {mh['task']} exact match by hops ({', '.join(hops)}); trained on {mh['train_hops']}")
+        for key, acc in mh["accuracy"].items():
+            label = f"T={key}" if key != "default" else "default"
+            lines.append(f"    {label:>7}: " + " ".join(f"{acc[h]:.2f}" for h in hops))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mythos.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="training run directory (holds config.resolved.yaml, checkpoints/)")
+    p.add_argument("--checkpoint", default=None, help="tag (step0000200), 'latest' (default) or an exported model dir")
+    p.add_argument("--loops", default=",".join(map(str, DEFAULT_LOOPS)), help="RDT loop counts (ignored for dense)")
+    p.add_argument("--multihop", default=None, help="task directory from `python -m mythos.tasks` (test.jsonl)")
+    p.add_argument("--out", default=None, help=f"results file (default RUN/{RESULTS})")
+    p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
+    p.add_argument("--batch-size", type=int, default=0, help="val batch size (default: train.micro_batch_size)")
+    p.add_argument("--max-batches", type=int, default=0, help="val batches (0 = the whole split)")
+    a = p.parse_args(argv)
+    try:
+        res = run_eval(a.run, checkpoint=a.checkpoint, loops=parse_loops(a.loops), multihop=a.multihop, out=a.out,
+                       lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(res))
+    print(f"wrote {a.out or Path(a.run) / RESULTS}")
+    return 0

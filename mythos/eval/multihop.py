@@ -1,0 +1,68 @@
+"""Exact-match accuracy on a multi-hop test set, per hop count and (RDT) per loop count.
+
+The test queries come from a task directory (``python -m mythos.tasks``): each has
+``prompt_ids`` (``<s>`` + prompt) and ``answer_ids``. The model greedily decodes
+``len(answer)`` tokens after the prompt; a query is correct iff they equal the answer exactly
+(:func:`mythos.tasks.exact_match`). Queries are batched by prompt/answer length, so no padding
+ever enters a prompt. The RDT runs every loop count in ``loops`` (more loops than it was trained
+with = more test-time depth); a dense model has one depth, reported under the key ``"default"``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mythos.model.base import CausalLM
+from mythos.tasks.generators import exact_match
+
+DEFAULT = "default"
+
+
+@torch.no_grad()
+def evaluate_multihop(
+    model: CausalLM,
+    examples: Sequence[dict[str, Any]],
+    loops: Sequence[int] = (),
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """``{"accuracy": {loops_key: {hops: acc}}, "count": {hops: n}, "train_hops": ...}``.
+
+    ``loops_key`` is ``str(T)`` for each RDT loop count (``"default"`` for a dense model, or an
+    RDT evaluated at its configured depth when ``loops`` is empty). Hop counts are string keys
+    (JSON)."""
+    if not examples:
+        raise ValueError("no multi-hop test examples")
+    vocab = model.cfg.vocab_size
+    longest = max(len(e["prompt_ids"]) + len(e["answer_ids"]) for e in examples)
+    if longest > model.cfg.max_seq_len:
+        raise ValueError(f"test queries need {longest} positions but model.max_seq_len={model.cfg.max_seq_len}")
+    if max(max(e["prompt_ids"] + e["answer_ids"]) for e in examples) >= vocab:
+        raise ValueError(f"test queries use token ids >= model.vocab_size={vocab} (a different tokenizer?)")
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for e in examples:
+        groups[len(e["prompt_ids"]), len(e["answer_ids"])].append(e)
+    settings: list[tuple[str, dict[str, int]]] = (
+        [(str(t), {"num_loops": int(t)}) for t in loops] if model.cfg.kind == "rdt" and loops else [(DEFAULT, {})]
+    )
+    count: dict[str, int] = defaultdict(int)
+    for e in examples:
+        count[str(e["hops"])] += 1
+    model.eval()
+    accuracy: dict[str, dict[str, float]] = {}
+    for key, kwargs in settings:
+        correct: dict[str, int] = defaultdict(int)
+        for (_, n_answer), group in sorted(groups.items()):
+            for lo in range(0, len(group), batch_size):
+                chunk = group[lo : lo + batch_size]
+                prompt = torch.tensor([e["prompt_ids"] for e in chunk], dtype=torch.long, device=device)
+                out = model.generate(prompt, n_answer, **kwargs)[:, prompt.shape[1]:].tolist()
+                for e, pred in zip(chunk, out):
+                    correct[str(e["hops"])] += exact_match(pred, e["answer_ids"])
+        accuracy[key] = {h: correct[h] / count[h] for h in sorted(count, key=int)}
+    return {"accuracy": accuracy, "count": dict(sorted(count.items(), key=lambda kv: int(kv[0])))}

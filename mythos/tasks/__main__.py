@@ -1,0 +1,5 @@
+import sys
+
+from mythos.tasks.build import main
+
+sys.exit(main())
