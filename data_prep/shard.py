@@ -612,6 +612,13 @@ def _build_partitioned(
         "input_identity": "sha256(size, first MiB, last MiB) per file; per-unit sha256 in inputs[].units",
     }
     build["key"] = sha256_bytes(canonical_json(build).encode())
+    if not (out / BUILD_MARKER).is_file() and not (out / MANIFEST_NAME).is_file():
+        # shards listed by a partial manifest of this very build are ours, marker or not (e.g. the
+        # final manifest was removed to redo a partition): restore the marker before the check
+        for p in sorted((out / PARTITIONS_DIR).glob("p*.json")):
+            if (_read_json(p) or {}).get("build", {}).get("key") == build["key"]:
+                atomic_write_json(out / BUILD_MARKER, build)
+                break
     existing = _check_out_dir(out, build, overwrite)
     if existing is not None and _verify_existing(out, existing):
         print(f"{out}: up to date ({len(existing['shards'])} shards verified)", file=sys.stderr)
