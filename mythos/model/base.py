@@ -129,6 +129,20 @@ class CausalLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def compile_blocks(self, **compile_kwargs) -> CausalLM:
+        """``torch.compile`` every transformer block in place (``nn.Module.compile``, so the
+        state dict keys do not change); returns ``self``.
+
+        Per-block compilation (as in torchtitan) instead of ``torch.compile(model)``: identical
+        blocks share one compiled graph, and the RDT's loop stays a plain Python loop over the
+        compiled core blocks, so a new loop count T never recompiles. Compiling the whole RDT
+        would unroll the loop and recompile for every new T (and its host-side loop-count
+        resolution would break the graph). Embedding, head and loss stay eager."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.compile(**compile_kwargs)
+        return self
+
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def generate(

@@ -70,6 +70,9 @@ class RotaryEmbedding(nn.Module):
 
     The tables are real-valued, non-persistent buffers computed once in float64. ``model.to(bf16)``
     rounds them exactly as casting per step would, and nothing is recomputed per forward.
+
+    ``sin`` is stored *sign-folded* for :func:`apply_rope`: ``cat(-sin_f, sin_f)`` instead of
+    Llama's ``cat(sin_f, sin_f)``, so the rotation needs no negation (see there).
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
@@ -85,8 +88,9 @@ class RotaryEmbedding(nn.Module):
             return torch.empty(shape, device=device), torch.empty(shape, device=device)
         inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         ang = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv)
-        ang = torch.cat([ang, ang], dim=-1)
-        return ang.cos().float().to(device), ang.sin().float().to(device)
+        sin = ang.sin()
+        cos, sin = torch.cat([ang.cos(), ang.cos()], dim=-1), torch.cat([-sin, sin], dim=-1)
+        return cos.float().to(device), sin.float().to(device)
 
     def reset_tables(self) -> None:
         """Recompute the tables in place (after materialising a meta-device model)."""
@@ -107,10 +111,14 @@ def _meta_default() -> bool:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: ``[B, H, S, D]``; cos/sin: ``[S, D]``."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    """x: ``[B, H, S, D]``; cos and the sign-folded sin (``cat(-sin_f, sin_f)``): ``[S, D]``.
+
+    Llama's rotate-half ``x * cos + cat(-x2, x1) * cat(sin_f, sin_f)`` computed as
+    ``x * cos + roll(x, D/2) * cat(-sin_f, sin_f)``. Bitwise the same result (``(-a) * b ==
+    a * (-b)`` exactly in IEEE arithmetic), one elementwise op fewer forward and backward (no
+    ``neg``, and ``roll`` replaces slice+slice+cat): ~20% less time in RoPE on CPU (measured
+    fwd+bwd on ``[8, 8, 256, 64]``; see docs/benchmarks.md)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
 @dataclass
