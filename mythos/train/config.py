@@ -134,35 +134,36 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
 def check_run(cfg: RunConfig, world_size: int) -> dict:
     """Cross-checks that need the world size and the shards; returns the manifest summary.
     Raises :class:`ConfigError` with one line naming the key."""
-    from mythos.data.format import load_manifest
+    from mythos.data import resolve_data
     from mythos.data.order import check_batch_geometry
 
     t = cfg.train
     check_batch_geometry(t.global_batch_size, t.micro_batch_size, world_size)
-    manifest = load_manifest(cfg.data.shards)
+    data = resolve_data(cfg.data)  # manifests only; a mixture (data.sources) resolves its quotas here
+    manifest, where = data.manifest, data.description
     if manifest.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocab "
-            f"{manifest.vocab_size} (data.shards={cfg.data.shards}); set model.vocab_size>={manifest.vocab_size}"
+            f"{manifest.vocab_size} ({where}); set model.vocab_size>={manifest.vocab_size}"
         )
     if manifest.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"shards hold sequences of {manifest.seq_len} tokens but model.max_seq_len={cfg.model.max_seq_len}; "
             f"raise model.max_seq_len or re-shard with a shorter --seq-len"
         )
-    train_samples = manifest.num_samples("train")
+    train_samples = data.num_train_samples
     steps_per_epoch = train_samples // t.global_batch_size
     tokens_per_step = t.global_batch_size * manifest.seq_len
     steps = t.max_steps or -(-t.max_tokens // tokens_per_step)
     if steps_per_epoch == 0:
         raise ConfigError(
-            f"data.shards={cfg.data.shards} has {train_samples} training samples, fewer than one global batch "
+            f"{where} has {train_samples} training samples, fewer than one global batch "
             f"({t.global_batch_size}); lower train.global_batch_size or add data"
         )
     if steps > steps_per_epoch * t.max_epochs:
         raise ConfigError(
             f"the data runs out: {steps} steps x {tokens_per_step} tokens need "
-            f"{steps / steps_per_epoch:.2f} epochs of data.shards={cfg.data.shards} ({steps_per_epoch} steps each) "
+            f"{steps / steps_per_epoch:.2f} epochs of {where} ({steps_per_epoch} steps each) "
             f"but train.max_epochs={t.max_epochs}; add data, lower the budget or raise train.max_epochs"
         )
     if cfg.optim.name == "muon" and _peek_zero_stage(cfg) == 0:
@@ -172,7 +173,7 @@ def check_run(cfg: RunConfig, world_size: int) -> dict:
             f"{cfg.deepspeed.config}"
         )
     return {"steps": steps, "steps_per_epoch": steps_per_epoch, "seq_len": manifest.seq_len,
-            "train_samples": train_samples, "data_hash": manifest.data_hash, "vocab_size": manifest.vocab_size}
+            "train_samples": train_samples, "data_hash": data.data_hash, "vocab_size": manifest.vocab_size}
 
 
 def _peek_zero_stage(cfg: RunConfig) -> int:

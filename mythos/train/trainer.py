@@ -421,6 +421,9 @@ class Trainer:
             if "hist/act_halt_steps" in stats:
                 h = stats["hist/act_halt_steps"]
                 hist["rdt/act_halt_steps"] = torch.repeat_interleave(torch.arange(len(h)), h).float()
+        if self.loader.data.is_mixture:  # realised tokens per source (exact, rank-independent)
+            for name, n in self.loader.tokens_per_source().items():
+                m[f"data/tokens/{name}"] = n
         self.logger.log(self.step, m, histograms=hist)
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
