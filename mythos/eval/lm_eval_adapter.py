@@ -58,7 +58,7 @@ class MythosLM(TemplateLM):
 
         self.run = load_run(run, checkpoint, device=device)
         self.model = self.run.model
-        self.device = torch.device(device)
+        self._device = torch.device(device)
         self.kind = self.run.cfg.model.kind
         if loops is not None and self.kind != "rdt":
             raise ValueError(f"loops={loops} given but {run} is a {self.kind} model (loops are for the RDT)")
@@ -78,6 +78,10 @@ class MythosLM(TemplateLM):
         self.max_length = int(max_length or self.run.cfg.model.max_seq_len)
 
     # ---- lm-eval plumbing -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     @property
     def eot_token_id(self) -> int:
         return self.tok.eos_id
@@ -102,7 +106,7 @@ class MythosLM(TemplateLM):
         ids = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        out = self.model(ids.to(self.device), **self._forward_kwargs())
+        out = self.model(ids.to(self._device), **self._forward_kwargs())
         return F.log_softmax(out.logits.float(), dim=-1).cpu()
 
     # ---- scoring --------------------------------------------------------------------------------
@@ -157,7 +161,7 @@ class MythosLM(TemplateLM):
             if kw.get("do_sample") or float(kw.get("temperature", 0.0) or 0.0) > 0:
                 raise ValueError("mythos adapter: only greedy generation (do_sample=False, temperature=0)")
             ctx = (self.tok_encode(context) or [self.prefix_token_id])[-max(1, self.max_length - max_gen):]
-            ids = torch.tensor([ctx], dtype=torch.long, device=self.device)
+            ids = torch.tensor([ctx], dtype=torch.long, device=self._device)
             max_new = max(0, min(max_gen, self.max_length - len(ctx)))
             gen = self.model.generate(ids, max_new, eos_id=self.eot_token_id, **self._forward_kwargs())
             new = [t for t in gen[0, len(ctx):].tolist()]

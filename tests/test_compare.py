@@ -1,0 +1,83 @@
+"""launch/compare.py on two short real runs: report + plots, the identical-data check (refusal
+and the labelled override), the TensorBoard fallback and the multi-hop section."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_utils import REPO
+
+pytest_plugins = ["data_fixtures", "eval_fixtures"]
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/compare.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _png_ok(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+
+
+def test_report_from_two_real_runs(short_runs, tmp_path: Path) -> None:
+    rdt, dense = short_runs["rdt"], short_runs["dense"]
+    # an eval result for the RDT adds the loss-vs-loops curve from mythos.eval (fake multihop too)
+    res = {"checkpoint": "step0000004", "lm": {"loss": 6.9, "ppl": 990.0, "bpb": 4.3,
+           "by_loops": {"1": {"loss": 7.0}, "4": {"loss": 6.9}, "16": {"loss": 6.95}}},
+           "multihop": {"task": "khop", "train_hops": [1, 2], "count": {"1": 4, "2": 4, "6": 4},
+                        "accuracy": {"1": {"1": 0.5, "2": 0.25, "6": 0.0}, "8": {"1": 0.75, "2": 0.5, "6": 0.25}}}}
+    copy = tmp_path / "rdt"
+    shutil.copytree(rdt, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / "eval").mkdir(exist_ok=True)
+    (copy / "eval" / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "report"
+    proc = _compare(str(copy), str(dense), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    assert "identical-data comparison" in text and "DIFFERENT" not in text
+    assert "rdt-tiny-cpu" in text and "dense-tiny-cpu" in text
+    for row in ("parameters", "tokens trained", "training FLOPs", "final val loss", "bpb", "wall time", "MFU"):
+        assert row in text, row
+    assert "T=1: 7.0000" in text and "| rdt-tiny-cpu | 8 | 0.75 | 0.50 | 0.25 |" in text
+    for png in ("loss_vs_tokens", "loss_vs_flops", "loss_vs_wallclock", "loss_vs_loops", "multihop_accuracy"):
+        _png_ok(out / f"{png}.png")
+        assert f"({png}.png)" in text
+
+
+def test_different_data_is_refused_then_labelled(short_runs, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(short_runs["dense"], other, ignore=shutil.ignore_patterns("checkpoints"))
+    info = json.loads((other / "run_info.json").read_text())
+    info["data_fingerprint"] = "0" * 64
+    (other / "run_info.json").write_text(json.dumps(info))
+    proc = _compare(str(short_runs["rdt"]), str(other), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data fingerprints differ")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "r" / "report.md").exists()
+    proc = _compare(str(short_runs["rdt"]), str(other), "--out", str(tmp_path / "r"), "--allow-different-data")
+    assert proc.returncode == 0, proc.stderr
+    assert "DIFFERENT DATA" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_tensorboard_fallback_and_bad_run(short_runs, tmp_path: Path) -> None:
+    tb_only = tmp_path / "tb"
+    shutil.copytree(short_runs["dense"], tb_only, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+    proc = _compare(str(short_runs["rdt"]), str(tb_only), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "dense-tiny-cpu" in text and "n/a" in text  # MFU is n/a on CPU
+    proc = _compare(str(tmp_path / "missing"), str(tb_only), "--out", str(tmp_path / "r2"))
+    assert proc.returncode == 2 and "run_info.json not found" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--multihop"])
+def test_multihop_pair_section(short_runs, tmp_path: Path, flag: str) -> None:
+    proc = _compare(str(short_runs["rdt"]), str(short_runs["dense"]), "--out", str(tmp_path / "r"), flag,
+                    str(short_runs["rdt"]), str(short_runs["dense"]))
+    assert proc.returncode == 0, proc.stderr
+    assert "Depth extrapolation" in (tmp_path / "r" / "report.md").read_text()
