@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo: real corpus -> tokenizer + shards -> tiny RDT and tiny dense baseline, each
-# trained with 2 CPU ranks through the real `deepspeed` launcher on identical data.
+# trained with 2 CPU ranks through the real `deepspeed` launcher on identical data; then both are
+# evaluated (python -m mythos.eval), a tiny depth-extrapolation experiment runs (launch/multihop.sh)
+# and launch/compare.py writes runs/demo/report/report.md with plots.
 # Re-running continues where it stopped (data prep skips finished work; training resumes from
 # the newest complete checkpoint, and a finished run is left as it is).
 #   DEMO_STEPS=300 make demo        # more steps (default 200 per model)
@@ -12,18 +14,19 @@ STEPS=${DEMO_STEPS:-200}
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning
 START=$(date +%s)
 
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 phase() { printf '\n=== %s (t+%ss) ===\n' "$1" "$(( $(date +%s) - START ))"; }
 
-phase "1/3 demo corpus: gather real prose, train the tokenizer, write shards"
+phase "1/5 demo corpus: gather real prose, train the tokenizer, write shards"
 "$PY" -m data_prep.demo_corpus --out data/demo
 
 for arm in rdt dense; do
-  phase "2/3 train ${arm}-tiny on 2 CPU ranks (${STEPS} steps)"
-  "$PY" -m deepspeed.launcher.runner --num_gpus 2 --log_level warning \
+  phase "2/5 train ${arm}-tiny on 2 CPU ranks (${STEPS} steps)"
+  "$PY" -m deepspeed.launcher.runner --num_gpus 2 --master_port "$(free_port)" --log_level warning \
     launch/pretrain.py --config "configs/run/${arm}-tiny-cpu.yaml" "train.max_steps=${STEPS}"
 done
 
-phase "3/3 results"
+phase "3/5 results"
 "$PY" - <<'PY'
 import json
 from pathlib import Path
@@ -41,6 +44,17 @@ for arm in ("rdt-tiny", "dense-tiny"):
     if loops:
         print(f"{'':11s} val loss by loop count: {loops}")
 PY
+phase "4/5 evaluate both runs (val loss / bpb per loop count) and the depth-extrapolation experiment"
+for arm in rdt dense; do
+  "$PY" -m mythos.eval --run "runs/demo/${arm}-tiny" --loops 1,2,4,8,12,16,24,32 --batch-size 32
+done
+bash launch/multihop.sh
+
+phase "5/5 report"
+"$PY" launch/compare.py runs/demo/rdt-tiny runs/demo/dense-tiny --out runs/demo/report \
+  --multihop runs/demo/rdt-multihop runs/demo/dense-multihop
+echo "report: runs/demo/report/report.md (plots beside it)"
+
 echo
 echo "demo finished in $(( $(date +%s) - START ))s"
 echo "tensorboard logs: runs/demo/rdt-tiny/tensorboard and runs/demo/dense-tiny/tensorboard"
