@@ -74,3 +74,11 @@ def test_schedules() -> None:
     wsd = OptimConfig(schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_multiplier(50, 100, wsd) == 1.0 and lr_multiplier(79, 100, wsd) == 1.0
     assert lr_multiplier(89, 100, wsd) == pytest.approx(0.5) and lr_multiplier(99, 100, wsd) == 0.0
+
+
+def test_saving_a_step_that_is_already_complete_leaves_it_untouched(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    ckpt.save(FakeEngine(), root, 5, {}, keep_last=3)
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "step0000005").iterdir()}
+    ckpt.save(FakeEngine(crash=True), root, 5, {}, keep_last=3)  # would crash if it wrote anything
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "step0000005").iterdir()} == before

@@ -224,11 +224,6 @@ def test_time_limit_warning_and_preemption_resume_exactly(
     assert train_losses(run_dir) == train_losses(ref_dir)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug in mythos/data/loader.py: DataLoader workers (data.num_workers > 0) keep torch's "
-    "SIGTERM handler, which dies on a TERM not sent by the parent; SLURM sends TERM to every process "
-    "of the step on preemption, so the trainer raises 'DataLoader worker ... killed by signal: "
-    "Terminated' instead of saving. Fix: a worker_init_fn that ignores SIGTERM and SIGUSR1."))
 def test_preemption_with_dataloader_workers_saves(cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "workers"
     job_id, log = _submit_ok(cluster, run_dir, shards, "data.num_workers=2")

@@ -80,6 +80,14 @@ def test_both_arms_consume_identical_data(zero2_runs: dict[str, Path]) -> None:
     assert ta["train/tokens"] == tb["train/tokens"]
 
 
+def test_dataloader_workers_change_nothing(zero2_runs: dict[str, Path], shards: Path, tmp_path: Path) -> None:
+    """data.num_workers=2 gives the RDT bit-identical losses (same samples, and the workers do not
+    consume the trainer's RNG, which drives the RDT's h0 noise)."""
+    run_training(RDT, tmp_path / "workers", shards, ["train.max_steps=4", "train.save_interval=2",
+                                                     "data.num_workers=2"])
+    assert train_losses(tmp_path / "workers") == train_losses(zero2_runs["rdt"])
+
+
 def test_export_of_two_rank_zero_checkpoints(zero2_runs: dict[str, Path], tmp_path: Path) -> None:
     """`python -m mythos.export` consolidates a real 2-rank ZeRO-2 checkpoint exactly; the dense
     arm also exports to Hugging Face Llama with matching logits."""

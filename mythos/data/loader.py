@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,15 @@ class _MicroBatches(Dataset):
         epoch, offset, k = key
         mine = rank_slice(self.order.global_batch(Position(epoch, offset)), self.rank, self.world_size)
         return to_batch(self.samples.get_many(mine[k * self.micro : (k + 1) * self.micro]))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: SLURM signals every process of a job step on preemption,
+    and torch's worker handler would die on a TERM not sent by its parent, crashing the trainer
+    instead of letting it save. The trainer (main process) handles the signal and shuts the
+    workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class _StepKeys(Sampler):
@@ -151,6 +161,11 @@ class TrainLoader:
             num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor,
             pin_memory=self.cfg.pin_memory,
+            # Our samples need no randomness, and without its own generator the DataLoader draws
+            # its worker base seed from the *global* torch RNG, shifting the trainer's random
+            # stream (the RDT's h0 noise) whenever an iterator is created, e.g. on resume.
+            generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_ignore_stop_signals,
         )
         return iter(loader)
 

@@ -120,6 +120,10 @@ def save(engine: Any, ckpt_root: Path, step: int, client_state: dict[str, Any], 
     """Save on ALL ranks (DeepSpeed requires it), then mark complete, then prune. Returns the tag dir."""
     tag = tag_for(step)
     tag_dir = ckpt_root / tag
+    if is_complete(tag_dir):
+        # e.g. a stop signal right after resuming from this step: the state is the saved one,
+        # and rewriting a complete checkpoint in place would put it at risk for nothing
+        return tag_dir
     if dist.env_info().is_main and tag_dir.exists() and not is_complete(tag_dir):
         shutil.rmtree(tag_dir)  # leftovers of a crashed save of this very step
     dist.barrier()

@@ -58,6 +58,9 @@ def _git_commit() -> str:
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        # installed first, so a preemption warning that arrives during start-up (process group,
+        # model build, resume) is not lost: the first step boundary acts on it
+        self.stop = StopFlag()
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         info = dist.env_info()
@@ -326,7 +329,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
-        stop = StopFlag()
+        stop = self.stop
         tokens_per_step = t.global_batch_size * self.plan["seq_len"]
         start_step, t0 = self.step, time.perf_counter()
         window: list[float] = []
