@@ -116,6 +116,48 @@ def run_rss(size_name: str, which: str, warmup: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def kernel_bench(reps: int) -> None:
+    """fwd+bwd of the hot elementwise pieces, old form vs ours vs ``torch.compile`` (interleaved)."""
+    import torch.nn.functional as F
+
+    from mythos.model.layers import RMSNorm, apply_rope
+
+    torch.manual_seed(0)
+    b, h, s, d = 8, 8, 256, 64
+    x = torch.randn(b, s, h * d, requires_grad=True)
+    norm = RMSNorm(h * d)
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    ang = torch.randn(s, d // 2)
+    cos, sin_f = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    sin_folded = torch.cat([-ang.sin(), ang.sin()], -1)
+    gate, up = (torch.randn(b, s, 1536, requires_grad=True) for _ in range(2))
+
+    def rope_cat(t):  # the previous (and HF Llama's) rotate-half
+        return t * cos + torch.cat([-t[..., d // 2:], t[..., : d // 2]], dim=-1) * sin_f
+
+    def swiglu(g, u):
+        return F.silu(g) * u
+
+    cases = {
+        "rms_norm: F.rms_norm (composite)": lambda: F.rms_norm(x, (h * d,), norm.weight, 1e-5),
+        "rms_norm: ours (custom backward)": lambda: norm(x),
+        "rms_norm: torch.compile": torch.compile(lambda: F.rms_norm(x, (h * d,), norm.weight, 1e-5)),
+        "rope: cat(-x2, x1) * sin": lambda: rope_cat(q),
+        "rope: ours roll(x) * folded sin": lambda: apply_rope(q, cos, sin_folded),
+        "rope: torch.compile": torch.compile(lambda: rope_cat(q)),
+        "swiglu: eager": lambda: swiglu(gate, up),
+        "swiglu: torch.compile": torch.compile(lambda: swiglu(gate, up)),
+    }
+    fns = {}
+    for name, f in cases.items():
+        def run(f=f):
+            y = f()
+            y.backward(torch.ones_like(y))
+        fns[name] = run
+    times = interleaved(fns, warmup=3, reps=reps)
+    print(table(["kernel (fwd+bwd, fp32)", "median (ms)"], [[n, f"{median(t) * 1e3:.2f}"] for n, t in times.items()]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -123,10 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--rss", action="store_true", help="also measure peak RSS, one subprocess per (size, model)")
+    ap.add_argument("--kernels", action="store_true", help="only micro-benchmark RMSNorm / RoPE / SwiGLU variants")
     ap.add_argument("--rss-child", nargs=2, metavar=("SIZE", "WHICH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kernels:
+        print(f"machine: {machine_info()}")
+        kernel_bench(max(args.reps, 9))
+        return 0
     if args.rss_child:
         rss_child(*args.rss_child, args.warmup)
         return 0

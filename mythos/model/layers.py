@@ -19,9 +19,41 @@ from torch import Tensor, nn
 
 from mythos.model.config import ModelConfig
 
+_EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """``F.rms_norm(x, (d,), w, eps)`` with a hand-written backward, for CPU.
+
+    On CPU ``F.rms_norm`` is a composite of ``pow, mean, add, rsqrt, mul, mul``: autograd saves
+    three ``[.., d]`` tensors (``x``, ``x * r``, and ``r``) and runs ~13 elementwise ops backward.
+    Here the forward runs the *same* ops in the same order (bitwise-identical output), saves only
+    ``x`` and ``r``, and the backward is the closed form ``dx = r * (g w - n * mean(g w * n))``,
+    ``dw = sum(g * n)`` with ``n = x r``: ~25% less time fwd+bwd and one activation fewer per norm
+    (measured, see docs/benchmarks.md). Used for fp32/fp64 on CPU only: on CUDA ``F.rms_norm`` has
+    a fused kernel, and for bf16/fp16 the composite's internal rounding is not reproduced here."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, r, weight)
+        return x.mul(r).mul(weight)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x, r, weight = ctx.saved_tensors
+        n = x * r
+        gw = (g * n).sum(dim=tuple(range(g.dim() - 1))) if ctx.needs_input_grad[1] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gn = g * weight
+            gx = (gn - n * (gn * n).mean(-1, keepdim=True)).mul_(r)
+        return gx, gw, None
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned gain (Llama). Uses the fused ``F.rms_norm`` kernel."""
+    """RMSNorm with a learned gain (Llama): ``F.rms_norm`` (a fused kernel on CUDA), and on CPU
+    the same forward with a cheaper hand-written backward (:class:`_RMSNormFn`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -29,6 +61,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype in _EXACT_DTYPES and torch.is_grad_enabled():
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 

@@ -256,7 +256,11 @@ class RDT(CausalLM):
             aux_loss = cfg.act.ponder_weight * ponder
             aux["ponder"] = ponder.detach()
             aux["act_steps"] = act.n_updates.mean().detach()
-            aux["act_halt_hist"] = torch.bincount(act.n_updates.detach().long().flatten(), minlength=n + 1)
+            # histogram of per-position step counts (each in [0, n]): a fixed-size scatter_add
+            # instead of ``bincount``, whose output size depends on the data (a host sync on GPU)
+            steps = act.n_updates.detach().long().flatten()
+            aux["act_halt_hist"] = torch.zeros(n + 1, dtype=torch.long, device=steps.device).scatter_add_(
+                0, steps, torch.ones_like(steps))
         if aux_terms:
             balance = torch.stack(aux_terms).mean() / cfg.n_core
             term = cfg.moe.balance_weight * balance
