@@ -299,6 +299,9 @@ def plot_multihop(runs: Sequence[Run], path: Path) -> bool:
                 ax.plot([int(h) for h in hops], ys, "o-", color=color, ms=3, lw=1.2, label=f"{run.name} T={key}")
             else:
                 ax.plot([int(h) for h in hops], ys, "s--", color="crimson", lw=2, label=f"{run.name}")
+    chance = data[0][1].get("chance")
+    if chance:
+        ax.axhline(chance, color="k", ls=":", lw=1, label=f"chance ({chance:.2f})")
     ax.set_xlabel("hops")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)

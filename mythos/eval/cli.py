@@ -120,8 +120,10 @@ def run_eval(
         card = load_task_card(multihop)
         examples = load_test_examples(multihop)
         res = evaluate_multihop(run.model, examples, loops if is_rdt else ())
+        tc = card["config"]
+        chance = 1.0 / (tc["n_entities"] if card["task"] == "khop" else tc["n_nodes"])  # uniform guess
         results["multihop"] = {"task_dir": str(multihop), "task": card["task"], "data_hash": card["data_hash"],
-                               "train_hops": card["train_hops"], **res}
+                               "train_hops": card["train_hops"], "chance": chance, **res}
     results["elapsed_s"] = round(time.perf_counter() - t0, 2)
     results["time"] = time.time()
     atomic_write_text(out_path, json.dumps(results, indent=2) + "\n")
