@@ -267,6 +267,8 @@ def plot_loops(runs: Sequence[Run], path: Path) -> bool:
             if y is not None:
                 ax.axhline(y, color="gray", ls="--", label=f"{run.name} (dense)")
     ax.set_xscale("log", base=2)
+    ticks = sorted({t for _, c in curves for t in c})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("loop count T at evaluation")
     ax.set_ylabel("val loss (nats/token)")
     ax.set_title("RDT validation loss vs test-time loops")
