@@ -14,8 +14,8 @@ see torch tensors. We use two honest measures:
   activations saved for backward, gradients, temporaries and the optimizer's scratch space, and
   nothing else (no allocator slack, no Python objects, no shared libraries).
 - :func:`max_rss_bytes` in a fresh subprocess per configuration (``--rss``): the kernel's
-  ``ru_maxrss`` -- everything the process ever touched, including glibc's heap slack. Coarse
-  but independent of torch's bookkeeping.
+  peak RSS (``VmHWM``) -- everything the process ever touched: interpreter, libraries, weights,
+  optimizer state, glibc's heap slack. Coarse but independent of torch's bookkeeping.
 """
 
 from __future__ import annotations
@@ -133,7 +133,17 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> int:
 
 
 def max_rss_bytes() -> int:
-    """The process's peak resident set size (Linux reports KiB)."""
+    """Peak resident set size of this process image: ``VmHWM`` from ``/proc/self/status``.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that over fork+exec, so a benchmark child would
+    report its (bigger) parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
