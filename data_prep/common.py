@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from mythos.io import atomic_write_bytes  # noqa: F401  (re-exported: data_prep's writers use it)
 
 #: Suffixes we know how to read (see :mod:`data_prep.sources`); anything else in a directory is
 #: skipped (so a corpus directory may hold READMEs, licences, checksums, ...).
@@ -28,8 +28,6 @@ TEXT_SUFFIXES = (
 )
 
 _HASH_CHUNK = 1 << 20
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class DataPrepError(Exception):
@@ -51,26 +49,6 @@ def sha256_bytes(data: bytes) -> str:
 def canonical_json(obj: Any) -> str:
     """Stable JSON text (sorted keys, fixed separators): hashes of it are reproducible."""
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + ``os.replace``.
-
-    A crash leaves either the old file or the new one, never a prefix. The temp name starts
-    with '.' and ends with '.tmp' so globs for final artefacts never match it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; final files get the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

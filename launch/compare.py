@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from mythos.train.checkpoint import atomic_write_text  # noqa: E402
+from mythos.io import atomic_write_text  # noqa: E402
 
 COLORS = ("tab:blue", "tab:orange")
 

@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mythos.accounting import count_params, executed_loops, flops_per_token  # noqa: E402
 from mythos.config import ConfigError, dump_yaml, to_dict  # noqa: E402
+from mythos.io import atomic_write_text  # noqa: E402
 from mythos.model.build import build_model  # noqa: E402
-from mythos.train.checkpoint import atomic_write_text  # noqa: E402
 from mythos.train.config import RunConfig, load_run_config  # noqa: E402
 
 MATCHES = ("tokens", "compute", "tokens-per-param")

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mythos.config import ConfigError, dump_yaml, from_dict, load_config, load_yaml
+from mythos.io import atomic_write
 from mythos.model.base import CausalLM
 from mythos.model.build import build_model
 from mythos.model.config import ModelConfig
@@ -45,21 +44,8 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP wrapper, torch.comp
 # helpers
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: p.write_text(text))
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:
@@ -70,7 +56,7 @@ def _save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype)
         t = t.detach().to("cpu", dtype)
         shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
         out[name] = t.clone() if shared or not t.is_contiguous() else t
-    _atomic_write(path, lambda p: save_file(out, str(p), metadata={"format": "pt"}))
+    atomic_write(path, lambda p: save_file(out, str(p), metadata={"format": "pt"}))
 
 
 def clean_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import mythos.io
 from mythos.train import checkpoint as ckpt
 from mythos.train.config import OptimConfig
 from mythos.train.optim import lr_multiplier
@@ -61,7 +62,7 @@ def test_atomic_write_never_leaves_partial_file(tmp_path: Path, monkeypatch: pyt
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(mythos.io.os, "replace", boom)
     with pytest.raises(OSError):
         ckpt.atomic_write_text(target, "new\n")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["COMPLETE"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mythos.config import ConfigError
-from mythos.train.checkpoint import atomic_write_text
+from mythos.io import atomic_write_text
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 12, 16, 24, 32)
 RESULTS = Path("eval") / "results.json"

@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = lm_eval.simple_evaluate(model="mythos", model_args=args, tasks=a.tasks.split(","), limit=a.limit,
                                   task_manager=TaskManager(include_path=a.include_path), log_samples=False)
     out = Path(a.out) if a.out else Path(a.run) / "eval" / "lm_eval.json"
-    from mythos.train.checkpoint import atomic_write_text
+    from mythos.io import atomic_write_text
 
     atomic_write_text(out, json.dumps({"results": res["results"], "model_args": args}, indent=2, default=str) + "\n")
     print(json.dumps(res["results"], indent=2, default=str))

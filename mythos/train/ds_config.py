@@ -71,6 +71,6 @@ def build_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> dict[str, An
 
 
 def write_ds_config(ds: dict[str, Any], path: Path) -> None:
-    from mythos.train.checkpoint import atomic_write_text
+    from mythos.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(ds, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mythos.train.checkpoint import atomic_write_text
+from mythos.io import atomic_write_text
 
 
 class MetricsLogger:
