@@ -212,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                 except torch.OutOfMemoryError:
                     oom = True
                 except Exception as exc:  # noqa: BLE001 - report and carry on with the next config
-                    traceback.print_exc()
-                    res = {"model": model_name, "compile": comp == "on", "micro_batch": mb,
-                           "error": f"{type(exc).__name__}: {exc}"[:200]}
+                    # an OOM inside compilation can arrive wrapped (e.g. BackendCompilerFailed)
+                    oom = "out of memory" in str(exc).lower()
+                    if not oom:
+                        traceback.print_exc()
+                        res = {"model": model_name, "compile": comp == "on", "micro_batch": mb,
+                               "error": f"{type(exc).__name__}: {exc}"[:200]}
                 cleanup()
                 if not oom:
                     break
