@@ -80,10 +80,12 @@ class Trainer:
         if use_bf16(cfg, self.cuda):
             self.model = self.model.to(torch.bfloat16)
         self.ds_config = build_ds_config(cfg, self.info.world_size, self.cuda)
-        self.engine = self._initialize()
         if t.compile:
-            # DeepSpeed wraps torch.compile around the module it owns, keeping its ZeRO hooks.
-            self.engine.compile()
+            # per-block compile (see CausalLM.compile_blocks): the RDT's loop stays a Python loop
+            # over compiled blocks, so a new sampled T never recompiles; ZeRO's module hooks stay
+            # outside the compiled regions
+            self.model.compile_blocks()
+        self.engine = self._initialize()
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (h0 noise)
