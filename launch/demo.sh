@@ -46,7 +46,8 @@ for arm in ("rdt-tiny", "dense-tiny"):
 PY
 phase "4/5 evaluate both runs (val loss / bpb per loop count) and the depth-extrapolation experiment"
 for arm in rdt dense; do
-  "$PY" -m mythos.eval --run "runs/demo/${arm}-tiny" --loops 1,2,4,8,12,16,24,32 --batch-size 32
+  # one process: let it use both cores (the 2-rank trainings above use one thread per rank)
+  OMP_NUM_THREADS=2 "$PY" -m mythos.eval --run "runs/demo/${arm}-tiny" --loops 1,2,4,8,16,32 --batch-size 32
 done
 bash launch/multihop.sh
 

@@ -19,5 +19,5 @@ for arm in rdt dense; do
   "$PY" -m deepspeed.launcher.runner --num_gpus 2 --master_port "$(free_port)" --log_level warning \
     launch/pretrain.py --config "configs/run/${arm}-multihop.yaml" "train.max_steps=${STEPS}"
   echo "--- evaluate ${arm}-multihop on 1..12 hops"
-  "$PY" -m mythos.eval --run "runs/demo/${arm}-multihop" --multihop "$TASK" --batch-size 256
+  OMP_NUM_THREADS=2 "$PY" -m mythos.eval --run "runs/demo/${arm}-multihop" --multihop "$TASK" --batch-size 256
 done
