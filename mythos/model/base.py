@@ -120,8 +120,10 @@ class CausalLM(nn.Module):
         """How the optimiser should treat a parameter: ``matrix`` (2-D weights: Muon / weight
         decay), ``embedding`` (token and value embeddings, untied head), ``vector`` (norm gains,
         biases), ``lti`` (injection and readout parameters: no weight decay, per Parcae)."""
-        if name.startswith(("embed.", "value_embeds.", "lm_head.")):
+        if name.startswith(("embed.", "value_embeds.", "lm_head.", "loop_embed.")):
             return "embedding"
+        if name.startswith("halt."):  # the ACT halting unit: a d -> 1 probe, not a weight matrix
+            return "vector"
         if name.startswith(("injection.", "readout.")):
             return "lti"
         return "matrix" if p.dim() >= 2 else "vector"

@@ -95,9 +95,9 @@ class Trainer:
         )
         self.val_loader = build_val_loader(cfg.data, t.micro_batch_size, self.info.rank, self.info.world_size)
         self.fingerprint = self.loader.fingerprint()
-        self.flops_per_token = self._flops_per_token()
+        self._meta_model = build_model(cfg.model, device="meta")  # for FLOPs accounting only
         self._hw_flops_cache: dict[float | None, float] = {}
-        self._meta_model = build_model(cfg.model, device="meta")
+        self.flops_per_token = self._flops_per_token()
         self.peak_flops = self._peak_flops()
 
         self.step = 0
@@ -142,7 +142,7 @@ class Trainer:
         """Model FLOPs per token (MFU): the RDT at its *expected* loop count E[T], E[k]."""
         from mythos.accounting import flops_per_token
 
-        return float(flops_per_token(self.cfg.model, self.plan["seq_len"]).total)
+        return float(flops_per_token(self.cfg.model, self.plan["seq_len"], model=self._meta_model).total)
 
     def _hardware_flops_per_token(self, executed_loops: float | None) -> float:
         """FLOPs the hardware ran per token (HFU): the RDT executes the step's max T for every
