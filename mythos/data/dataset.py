@@ -40,7 +40,42 @@ def verify_shard(path: Path, info: ShardInfo, mode: str) -> None:
             raise DataFormatError(f"shard {path} is corrupt: sha256 differs from the manifest ({hint})")
 
 
-class PackedSamples:
+class ConcatenatedSamples:
+    """Samples stored in consecutive parts (shards, or whole sources): global index ``g`` maps to
+    (part ``k``, local index). Subclasses set ``tokens_per_sample``, ``rows``, ``_where`` and call
+    :meth:`_set_part_sizes`, and implement :meth:`_read`."""
+
+    tokens_per_sample: int
+    rows: int
+    _where = ""
+
+    def _set_part_sizes(self, counts: Sequence[int]) -> None:
+        self._starts = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
+        self.num_samples = int(self._starts[-1])
+
+    def _read(self, part: int, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, g: int) -> np.ndarray:
+        if not 0 <= g < self.num_samples:
+            raise IndexError(f"sample {g} out of range [0, {self.num_samples}){self._where}")
+        k = int(np.searchsorted(self._starts, g, side="right")) - 1
+        return self._read(k, int(g - self._starts[k]))
+
+    def get_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``int64 [len(indices), tokens_per_sample]`` in the given order (``[n, 2, tokens_per_sample]``
+        for loss-masked data)."""
+        shape = (self.tokens_per_sample,) if self.rows == 1 else (self.rows, self.tokens_per_sample)
+        out = np.empty((len(indices), *shape), dtype=np.int64)
+        for row, g in enumerate(indices):
+            out[row] = self[int(g)]
+        return out
+
+
+class PackedSamples(ConcatenatedSamples):
     """All samples of one split. ``self[g] -> np.ndarray [tokens_per_sample]`` (uint16/uint32), or
     ``[2, tokens_per_sample]`` (tokens, loss mask) when the manifest has ``loss_mask``."""
 
@@ -58,27 +93,11 @@ class PackedSamples:
                 raise DataFormatError(f"shard {path} is missing (re-run data_prep.shard)")
             index = load_index(path, info.sha256, info.num_samples, index_cache)
             self.readers.append(ShardReader(path, index, manifest.dtype, self.tokens_per_sample, self.rows))
-        counts = np.array([len(r) for r in self.readers], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self.num_samples = int(self._starts[-1])
+        self._where = f" of split '{split}'"
+        self._set_part_sizes([len(r) for r in self.readers])
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, g: int) -> np.ndarray:
-        if not 0 <= g < self.num_samples:
-            raise IndexError(f"sample {g} out of range [0, {self.num_samples}) of split '{self.split}'")
-        k = int(np.searchsorted(self._starts, g, side="right")) - 1
-        return self.readers[k].read(int(g - self._starts[k]))
-
-    def get_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``int64 [len(indices), tokens_per_sample]`` in the given order (``[n, 2, tokens_per_sample]``
-        for loss-masked data)."""
-        shape = (self.tokens_per_sample,) if self.rows == 1 else (self.rows, self.tokens_per_sample)
-        out = np.empty((len(indices), *shape), dtype=np.int64)
-        for row, g in enumerate(indices):
-            out[row] = self[int(g)]
-        return out
+    def _read(self, part: int, index: int) -> np.ndarray:
+        return self.readers[part].read(index)
 
     def close(self) -> None:
         for r in self.readers:

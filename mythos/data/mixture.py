@@ -42,7 +42,7 @@ import numpy as np
 
 from mythos.config import ConfigError
 from mythos.data.config import DataConfig
-from mythos.data.dataset import PackedSamples
+from mythos.data.dataset import ConcatenatedSamples, PackedSamples
 from mythos.data.format import Manifest, load_manifest
 
 #: Domain separator of the per-source selection streams (ASCII "mix").
@@ -209,31 +209,17 @@ class MixtureSamples:
             p.close()
 
 
-class ConcatSamples:
+class ConcatSamples(ConcatenatedSamples):
     """Several sources' samples one after another (the val split of a mixture)."""
 
     def __init__(self, parts: Sequence[PackedSamples]):
         self.parts = list(parts)
         self.tokens_per_sample = parts[0].tokens_per_sample
         self.rows = getattr(parts[0], "rows", 1)
-        self._starts = np.concatenate([[0], np.cumsum([p.num_samples for p in parts])]).astype(np.int64)
-        self.num_samples = int(self._starts[-1])
+        self._set_part_sizes([p.num_samples for p in parts])
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, g: int) -> np.ndarray:
-        if not 0 <= g < self.num_samples:
-            raise IndexError(f"sample {g} out of range [0, {self.num_samples})")
-        k = int(np.searchsorted(self._starts, g, side="right")) - 1
-        return self.parts[k][int(g - self._starts[k])]
-
-    def get_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        shape = (self.tokens_per_sample,) if self.rows == 1 else (self.rows, self.tokens_per_sample)
-        out = np.empty((len(indices), *shape), dtype=np.int64)
-        for row, g in enumerate(indices):
-            out[row] = self[int(g)]
-        return out
+    def _read(self, part: int, index: int) -> np.ndarray:
+        return self.parts[part][index]
 
     def close(self) -> None:
         for p in self.parts:
