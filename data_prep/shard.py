@@ -541,21 +541,7 @@ def build_shards(
 
     manifest: dict[str, Any] = {
         **_manifest_header(params, dtype, tok, build),
-        "inputs": [
-            {
-                **d,
-                "documents": source_stats[d["path"]].documents,
-                "skipped_bad_utf8": source_stats[d["path"]].skipped_bad_utf8,
-                "replaced_bad_utf8": source_stats[d["path"]].replaced_bad_utf8,
-            }
-            for d in inputs_desc
-        ],
-        "filters": _filters_record(params, doc_filter),
-        "splits": {
-            split: split_summary(p.documents, p.text_bytes, p.stream_tokens, p.shards, dropped[split])
-            for split, p in packers.items()
-        },
-        "shards": packers["train"].shards + packers["val"].shards,
+        **_content_records(inputs_desc, source_stats, params, doc_filter, packers, dropped),
     }
     manifest["data_hash"] = data_hash(manifest)
     atomic_write_json(out / MANIFEST_NAME, manifest)
@@ -678,13 +664,31 @@ def _run_partition(
         prefix=partition_shard_prefix(i),
         total_bytes=sum(u.weight for u in mine),
     )
-    empty = SourceStats()
     partial: dict[str, Any] = {
         **header,
         "partial_version": PARTIAL_VERSION,
         "num_partitions": n,
         "partition": i,
         "units": [{**u.to_json(), "sha256": unit_sha256(files[u.file], u)} for u in mine],
+        **_content_records(inputs_desc, source_stats, params, doc_filter, packers, dropped),
+    }
+    atomic_write_json(path, partial)  # last: its presence means the partition is complete
+    written = sum(p.written for p in packers.values())
+    print(
+        f"{out}: partition {i} of {n}: {len(partial['shards'])} shards ({written} written), "
+        f"{len(mine)} units, {doc_filter.kept} documents kept, {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
+    return partial
+
+
+def _content_records(inputs_desc: list[dict[str, Any]], source_stats: dict[str, SourceStats], params: ShardParams,
+                     doc_filter: DocFilter, packers: dict[str, SplitPacker], dropped: dict[str, int]) -> dict[str, Any]:
+    """The manifest keys that describe what was read and written (inputs with their document
+    counts, filters, per-split summaries, shards); shared by full and partial manifests. An
+    input a partition did not read counts zero documents."""
+    empty = SourceStats()
+    return {
         "inputs": [
             {
                 **d,
@@ -701,14 +705,6 @@ def _run_partition(
         },
         "shards": packers["train"].shards + packers["val"].shards,
     }
-    atomic_write_json(path, partial)  # last: its presence means the partition is complete
-    written = sum(p.written for p in packers.values())
-    print(
-        f"{out}: partition {i} of {n}: {len(partial['shards'])} shards ({written} written), "
-        f"{len(mine)} units, {doc_filter.kept} documents kept, {time.perf_counter() - t0:.1f}s",
-        file=sys.stderr,
-    )
-    return partial
 
 
 def build_parser() -> argparse.ArgumentParser:
