@@ -20,10 +20,11 @@ Two numbers per run, and the choice is explicit:
 
 - **model FLOPs** (used for matching and MFU, DESIGN.md section 3): the RDT at its *expected*
   loop count ``E[T]`` forward and ``E[min(T, bwd_depth)]`` backward;
-- **executed (hardware) FLOPs**: the RDT runs every sequence of a step for the *global-batch
-  maximum* T (right-aligned masking; :func:`mythos.accounting.executed_loops`), plus the
-  activation-checkpoint recompute (HFU). This is what the accelerator actually does, so the
-  GPU-hour estimate is given for both.
+- **executed (hardware) FLOPs**: the core iterations the RDT actually runs per sequence
+  (:func:`mythos.accounting.executed_loops`: ``E[T]`` with ``loops.execution=active``, the
+  default, which computes only the sequences still looping; the *global-batch maximum* T with
+  ``masked``), plus the activation-checkpoint recompute (HFU). This is what the accelerator
+  actually does, so the GPU-hour estimate is given for both.
 
 Outputs in ``--out``: ``<name>.yaml`` for both runs (loadable by ``load_run_config``, with
 ``train.max_tokens`` set and ``train.max_steps: 0``) and ``plan.json``; the table is printed.
@@ -123,9 +124,10 @@ def arm_costs(cfg: RunConfig, seq_len: int) -> _Costs:
     pc = count_params(cfg.model, model)
     fpt = flops_per_token(cfg.model, seq_len, model=model)
     if cfg.model.kind == "rdt":
-        n, _ = executed_loops(cfg.model.loops, cfg.train.global_batch_size)
-        exe = flops_per_token(cfg.model, seq_len, loops_mean=n, model=model)
-        hw = flops_per_token(cfg.model, seq_len, loops_mean=n, include_recompute=True, model=model)
+        n, k = executed_loops(cfg.model.loops, cfg.train.global_batch_size)
+        exe = flops_per_token(cfg.model, seq_len, loops_mean=n, bwd_loops_mean=k, model=model)
+        hw = flops_per_token(cfg.model, seq_len, loops_mean=n, bwd_loops_mean=k, include_recompute=True,
+                             model=model)
         return _Costs(pc.total, pc.non_embedding, fpt.total, exe.total, hw.total, fpt.loops, n)
     hw = flops_per_token(cfg.model, seq_len, include_recompute=True, model=model)
     return _Costs(pc.total, pc.non_embedding, fpt.total, fpt.total, hw.total, None, None)
@@ -209,8 +211,9 @@ def plan(
         notes.append("WARNING: the two configs have different data sections; this is not an identical-data comparison")
     if cfg_a.train.seed != cfg_b.train.seed or tps[0] != tps[1]:
         notes.append("note: seeds or tokens per step differ between the runs")
-    notes.append("model FLOPs (matching, MFU) count the RDT at E[T]; executed/hardware FLOPs count the global-batch "
-                 "max T the RDT really runs, plus activation-checkpoint recompute")
+    notes.append("model FLOPs (matching, MFU) count the RDT at E[T]; executed/hardware FLOPs count the loops the RDT "
+                 "really runs (E[T] with loops.execution=active; the global-batch max T with masked), plus "
+                 "activation-checkpoint recompute")
     return {
         "match": match,
         "description": desc,

@@ -46,9 +46,11 @@ the residual add (which saves nothing), is then skipped: the last block's ``down
 only its adapter's ``B`` matmul; an MoE's final weighting saves its inputs, so nothing is skipped).
 We subtract exactly that, which makes ``recompute`` match ``FlopCounterMode``.
 
-**Executed vs expected loops.** The RDT runs every sequence of a step for ``max_i T_i`` iterations
-(right-aligned masking; all ranks run the global max), so the hardware does more core work than
-``E[T]`` -- see :func:`executed_loops`, and pass its result as ``loops_mean`` for HFU.
+**Executed vs expected loops.** With ``loops.execution=active`` (the default) every core iteration
+runs only the sequences still looping, so the hardware executes the model's ``E[T]`` / ``E[k]``
+iterations per sequence (ZeRO-3's zero-row lockstep calls cost no FLOPs). With ``masked`` every
+sequence runs the global batch's ``max T`` -- ~1.6x the core work at Poisson(8), batch 512.
+:func:`executed_loops` gives both; pass its result as ``loops_mean``/``bwd_loops_mean`` for HFU.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ from torch import nn
 
 from mythos.model.build import build_model, load_model_config
 from mythos.model.config import LoopConfig, ModelConfig
+from mythos.model.loops import executed_loops as step_executed_loops
 from mythos.model.loops import expected_loops, sample_loop_counts
 from mythos.model.moe import MoE
 
@@ -249,13 +252,14 @@ def attention_flops_per_layer(cfg: ModelConfig, seq_len: int) -> float:
     return 4.0 * seq_len * cfg.n_heads * cfg.head_dim
 
 
-def resolve_loops(cfg: ModelConfig, loops_mean: float | None = None, bwd_depth: int | None = None
-                  ) -> tuple[float, float]:
+def resolve_loops(cfg: ModelConfig, loops_mean: float | None = None, bwd_depth: int | None = None,
+                  bwd_loops_mean: float | None = None) -> tuple[float, float]:
     """``(E[T], E[k])`` for an RDT config.
 
-    ``loops_mean`` given: T is that fixed (possibly fractional) count and ``k = min(T, bwd_depth)``
-    (e.g. the iterations a step actually executed). Otherwise both come from ``cfg.loops``'s
-    schedule via :func:`mythos.model.loops.expected_loops` (``bwd_depth`` overrides the config's).
+    ``loops_mean`` given: T is that fixed (possibly fractional) count and ``k = min(T, bwd_depth)``,
+    or ``bwd_loops_mean`` when given (e.g. the iterations a step actually executed, forward and
+    backward). Otherwise both come from ``cfg.loops``'s schedule via
+    :func:`mythos.model.loops.expected_loops` (``bwd_depth`` overrides the config's).
     ``bwd_depth = 0`` is full backprop: ``k = T``.
     """
     bwd = cfg.loops.bwd_depth if bwd_depth is None else bwd_depth
@@ -264,18 +268,21 @@ def resolve_loops(cfg: ModelConfig, loops_mean: float | None = None, bwd_depth: 
     if loops_mean is not None:
         if loops_mean <= 0:
             raise ValueError(f"loops_mean must be > 0, got {loops_mean}")
+        if bwd_loops_mean is not None:
+            return float(loops_mean), float(bwd_loops_mean)
         return float(loops_mean), float(loops_mean if bwd == 0 else min(loops_mean, bwd))
     return expected_loops(dataclasses.replace(cfg.loops, bwd_depth=bwd))
 
 
 def executed_loops(loops: LoopConfig, global_batch: int, *, steps: int = 2000) -> tuple[float, float]:
-    """``(E[n], E[min(n, bwd_depth)])`` with ``n = max_i T_i`` over a global batch: the iterations
-    the RDT actually *executes* per step (every sequence runs ``n``, inactive ones masked), for
-    HFU. Monte Carlo over ``steps`` steps of the real sampler (seed 0)."""
-    n = torch.tensor([float(sample_loop_counts(loops, 0, s, global_batch).max()) for s in range(steps)],
-                     dtype=torch.float64)
-    k = n if loops.bwd_depth == 0 else n.clamp(max=loops.bwd_depth)
-    return float(n.mean()), float(k.mean())
+    """Expected ``(forward, backward)`` core iterations per sequence the RDT *executes* per step
+    at ``global_batch``, for HFU (:func:`mythos.model.loops.executed_loops` per step): with
+    ``execution=active`` the sequences' own ``E[T]`` and ``E[min(T, bwd_depth)]`` (the model
+    FLOPs); with ``masked`` the global batch's ``max T`` for every sequence. Monte Carlo over
+    ``steps`` steps of the real sampler (seed 0)."""
+    per_step = torch.tensor([step_executed_loops(loops, sample_loop_counts(loops, 0, s, global_batch))
+                             for s in range(steps)], dtype=torch.float64)
+    return float(per_step[:, 0].mean()), float(per_step[:, 1].mean())
 
 
 def flops_per_token(
@@ -284,6 +291,7 @@ def flops_per_token(
     *,
     loops_mean: float | None = None,
     bwd_depth: int | None = None,
+    bwd_loops_mean: float | None = None,
     include_recompute: bool = False,
     model: nn.Module | None = None,
 ) -> FlopsBreakdown:
@@ -294,7 +302,7 @@ def flops_per_token(
     mm = count_matmul_params(cfg, model)
     attn = attention_flops_per_layer(cfg, seq_len)
     # dense: every block is in ``pre`` and ``core`` is empty, so T = k = 1 is exact
-    t, k = (1.0, 1.0) if cfg.kind == "dense" else resolve_loops(cfg, loops_mean, bwd_depth)
+    t, k = (1.0, 1.0) if cfg.kind == "dense" else resolve_loops(cfg, loops_mean, bwd_depth, bwd_loops_mean)
     fwd_params = mm.pre + t * mm.core + mm.post + mm.head
     bwd_params = mm.pre + k * mm.core + mm.post + mm.head
     # The first grad-tracked iteration's input state h comes from no_grad (or is h_0), so the
@@ -373,7 +381,7 @@ def mfu(tokens_per_s: float, flops_per_token: float | FlopsBreakdown, peak_flops
 # CLI
 
 
-def _table(cfgs: Sequence[ModelConfig], seq_len: int) -> str:
+def _table(cfgs: Sequence[ModelConfig], seq_len: int, global_batches: Sequence[int] = ()) -> str:
     cols: list[tuple[ParamCounts, FlopsBreakdown, FlopsBreakdown]] = []
     for cfg in cfgs:
         model = _meta_model(cfg)
@@ -410,6 +418,20 @@ def _table(cfgs: Sequence[ModelConfig], seq_len: int) -> str:
     row("bwd excl. attention", [f"{(f.backward - f.attn_backward) / 1e9:.3f}" for _, f, _ in cols])
     row("recompute (ckpt)", [f"{h.recompute / 1e9:.3f}" for _, _, h in cols])
     row("total (HFU)", [f"{h.total / 1e9:.3f}" for _, _, h in cols])
+    if global_batches and any(c.kind == "rdt" for c in cfgs):
+        section("executed / model FLOPs (RDT, excl. recompute)")
+        for gb in global_batches:
+            for execution in ("active", "masked"):
+                vals = []
+                for cfg, (_, f, _) in zip(cfgs, cols):
+                    if cfg.kind != "rdt":
+                        vals.append("-")
+                        continue
+                    loops = dataclasses.replace(cfg.loops, execution=execution)
+                    t, k = executed_loops(loops, gb, steps=500)
+                    exe = flops_per_token(cfg, seq_len, loops_mean=t, bwd_loops_mean=k, model=_meta_model(cfg))
+                    vals.append(f"{exe.total / f.total:.3f} (loops {t:.2f})")
+                row(f"batch {gb}, {execution}", vals)
 
     w0 = max(len(label) for label, _ in rows)
     widths = [max(len(vals[i]) for _, vals in rows) for i in range(len(cols))]
@@ -427,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                         help="model YAMLs or preset names; key=value overrides apply to all of them")
     parser.add_argument("--seq-len", type=int, default=0, help="sequence length (default: max_seq_len)")
+    parser.add_argument("--global-batch", default="8,64,512",
+                        help="RDT: global batch sizes of the executed/model FLOPs rows (default %(default)s)")
     args = parser.parse_intermixed_args(argv)  # configs and overrides may follow --seq-len
     overrides = [a for a in args.items if "=" in a]
     paths = [a for a in args.items if "=" not in a]
@@ -440,10 +464,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     by_len: dict[int, list[ModelConfig]] = {}
     for cfg in cfgs:
         by_len.setdefault(args.seq_len or cfg.max_seq_len, []).append(cfg)
-    print("\n\n".join(_table(group, seq_len) for seq_len, group in by_len.items()))
+    try:
+        batches = [int(b) for b in args.global_batch.split(",") if b.strip()]
+    except ValueError:
+        print(f"error: --global-batch must be comma-separated integers, got '{args.global_batch}'", file=sys.stderr)
+        return 2
+    print("\n\n".join(_table(group, seq_len, batches) for seq_len, group in by_len.items()))
     print("\nConventions: lookups (token/value embeddings) are not FLOPs; the LM head is a matmul; "
           "attention counts the full SxS scores (no causal halving); RDT uses E[T] forward and "
-          "E[min(T, bwd_depth)] backward iterations.")
+          "E[min(T, bwd_depth)] backward iterations. Executed = what the hardware runs per sequence: "
+          "'active' computes only the sequences still looping (loops.execution=active, the default), "
+          "'masked' runs the global batch's max T for every sequence.")
     return 0
 
 

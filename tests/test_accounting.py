@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,8 +91,11 @@ def test_resolve_loops() -> None:
     assert resolve_loops(cfg, 1, 2) == (1.0, 1.0)
     t, k = resolve_loops(cfg)
     assert t == pytest.approx(4.0, abs=0.05) and 1.0 < k < 2.0
-    n, kn = executed_loops(cfg.loops, global_batch=64, steps=200)
-    assert n > t + 2 and kn == pytest.approx(2.0)  # every sequence runs the batch's max T
+    masked = dataclasses.replace(cfg.loops, execution="masked")
+    n, kn = executed_loops(masked, global_batch=64, steps=200)
+    assert n > t + 2 and kn == pytest.approx(2.0)  # masked: every sequence runs the batch's max T
+    n, kn = executed_loops(cfg.loops, global_batch=64, steps=200)  # active rows: the model's own
+    assert n == pytest.approx(t, abs=0.05) and kn == pytest.approx(k, abs=0.02)
 
 
 def _measured_per_token(cfg, batch: int, seq: int, **kwargs) -> tuple[float, float]:

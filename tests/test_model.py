@@ -117,6 +117,21 @@ def test_spectral_radius_mixed_extremes_and_init() -> None:
         assert inj.to(dtype).spectral_radius().item() < 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("log_rate", [-20.0, -30.0, -60.0])
+def test_lti_bound_keeps_its_gradient_at_the_cap(dtype: torch.dtype, log_rate: float) -> None:
+    """Where a clamp ``min(A_bar, 1 - eps)`` would bind (A_bar rounds to the cap), the scaled bound
+    still passes gradient to A_log and dt_bias, so a channel at the cap can move back."""
+    inj = LTIInjection(4, 0.447).to(dtype)
+    with torch.no_grad():
+        inj.dt_bias.fill_(-40.0)  # log(dt) = -40 (the linear tail of log softplus)
+        inj.A_log.fill_(log_rate + 40.0)
+    a = inj.a_bar(dtype)
+    assert a.max().item() == 1.0 - torch.finfo(dtype).eps  # at the cap: the old clamp would bind here
+    a.float().sum().backward()
+    assert (inj.A_log.grad != 0).all() and (inj.dt_bias.grad != 0).all()
+
+
 def test_lti_state_stays_bounded_over_many_loops() -> None:
     cfg = small(loops=LoopConfig(schedule="fixed", mean=4, bwd_depth=2))
     model = mythos.build_model(cfg).eval()

@@ -29,6 +29,11 @@ class LoopConfig:
     """Huginn's sigma for the log-normal Poisson schedule."""
     eval_loops: int = 0
     """Loop count used in eval mode when the caller passes none (0 = round(mean))."""
+    execution: Literal["active", "masked"] = "active"
+    """How per-sequence loop counts run. ``active``: each iteration computes only the sequences
+    still looping (a prefix of the batch once it is ordered by T): the core costs sum_i T_i.
+    ``masked``: every sequence runs all ``max T`` iterations and finished rows are discarded
+    (Parcae's way; costs ``B * max T``). Same per-sequence results; kept for A/B measurements."""
 
     def validate(self) -> None:
         if self.mean < 1:

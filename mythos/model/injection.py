@@ -16,8 +16,19 @@ As a linear time-invariant system in ``h`` its spectral radius is ``max(A_bar)``
 below 1 for *every* parameter value -- in the arithmetic that actually runs. In fp32
 ``exp(-exp(-20))`` is exactly 1.0 and in bf16 anything above ~0.998 rounds to 1.0, so clamping the
 exponent (the public OpenMythos approach) is not enough. We compute in fp32 through
-``log(dt) + A_log`` (no ``0 * inf``), then clamp ``A_bar <= 1 - eps(dtype)`` where ``dtype`` is the
-dtype the update runs in; ``1 - eps`` is exactly representable there, so the cast keeps it < 1.
+``log(dt) + A_log`` (no ``0 * inf``) and bound by construction with a scale::
+
+    A_bar = (1 - eps(dtype)) * exp(-exp(log(dt) + A_log))
+
+where ``dtype`` is the dtype the update runs in. ``1 - eps`` is exactly representable there and the
+product never exceeds it (monotone rounding), so the cast keeps rho < 1. Unlike a clamp
+``min(A_bar, 1 - eps)``, which passes zero gradient once a channel reaches the cap (so it could never
+move back), the scale keeps ``dA_bar/dA_log = -A_bar * rate`` non-zero wherever ``rate`` is
+representable (``log_rate`` > ~-100 in fp32). The scale changes A_bar by a factor of at most
+``1 - eps`` (2^-23 in fp32, 2^-7 in bf16), negligible next to the init ``a_bar_init`` ~ 0.447.
+
+**Active rows.** The RDT may run an iteration on a prefix of the batch (the sequences still
+looping); ``rows(ctx, a)`` returns the context of the first ``a`` rows.
 """
 
 from __future__ import annotations
@@ -51,11 +62,12 @@ class LTIInjection(nn.Module):
             self.B.weight.copy_(torch.eye(self.B.weight.shape[0]))
 
     def a_bar(self, dtype: torch.dtype | None = None) -> Tensor:
-        """``A_bar [d]`` in ``dtype`` (default: the module's dtype), guaranteed in [0, 1)."""
+        """``A_bar [d]`` in ``dtype`` (default: the module's dtype), guaranteed in [0, 1 - eps]."""
         dtype = dtype or self.A_log.dtype
         log_rate = _log_softplus(self.dt_bias.float()) + self.A_log.float()
+        # clamp(max=88) only keeps exp finite (A_bar is exactly 0 there either way)
         a = torch.exp(-torch.exp(log_rate.clamp(max=88.0)))
-        return a.clamp(max=1.0 - torch.finfo(dtype).eps).to(dtype)
+        return ((1.0 - torch.finfo(dtype).eps) * a).to(dtype)
 
     def spectral_radius(self) -> Tensor:
         """``max(A_bar)`` computed in the module's dtype (the bound the update actually has)."""
@@ -68,6 +80,10 @@ class LTIInjection(nn.Module):
     def step(self, h: Tensor, ctx: tuple[Tensor, Tensor]) -> Tensor:
         a_bar, drive = ctx
         return a_bar * h + drive
+
+    @staticmethod
+    def rows(ctx: tuple[Tensor, Tensor], a: int) -> tuple[Tensor, Tensor]:
+        return ctx[0], ctx[1][:a]  # A_bar is per channel, the drive per row
 
 
 class AdditiveInjection(nn.Module):
@@ -84,6 +100,10 @@ class AdditiveInjection(nn.Module):
 
     def step(self, h: Tensor, ctx: Tensor) -> Tensor:
         return h + ctx
+
+    @staticmethod
+    def rows(ctx: Tensor, a: int) -> Tensor:
+        return ctx[:a]
 
 
 class ConcatInjection(nn.Module):
@@ -110,6 +130,10 @@ class ConcatInjection(nn.Module):
 
     def step(self, h: Tensor, ctx: Tensor) -> Tensor:
         return self.h_proj(h) + ctx
+
+    @staticmethod
+    def rows(ctx: Tensor, a: int) -> Tensor:
+        return ctx[:a]
 
 
 def build_injection(kind: str, d: int, a_bar_init: float) -> nn.Module:

@@ -52,3 +52,15 @@ def expected_loops(cfg: LoopConfig, samples: int = 200_000) -> tuple[float, floa
         t = torch.cat([sample_loop_counts(cfg, 1234, s, 1).double() for s in range(20_000)])
     k = t if cfg.bwd_depth == 0 else t.clamp(max=cfg.bwd_depth)
     return float(t.mean()), float(k.mean())
+
+
+def executed_loops(cfg: LoopConfig, counts: torch.Tensor) -> tuple[float, float]:
+    """``(forward, backward)`` core iterations per sequence that the RDT executes for a batch
+    with loop counts ``counts``: ``mean T`` and ``mean min(T, bwd_depth)`` with
+    ``execution=active``; the batch max for every row with ``masked``. (Zero-row calls that keep
+    ZeRO-3 ranks in step cost no FLOPs and are not counted.)"""
+    t = counts.double()
+    if cfg.execution == "masked":
+        t = t.max().expand(t.numel())
+    k = t if cfg.bwd_depth == 0 else t.clamp(max=cfg.bwd_depth)
+    return float(t.mean()), float(k.mean())

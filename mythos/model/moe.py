@@ -56,6 +56,7 @@ class MoE(nn.Module):
             out = out + self.shared(flat)
 
         frac = counts.float() / max(expert.numel(), 1)
-        balance = self.num_experts * (frac * probs.mean(0)).sum()
+        # sum / max(N, 1), not mean: the RDT may call the core on zero rows (ZeRO-3 lockstep)
+        balance = self.num_experts * (frac * probs.sum(0) / max(flat.shape[0], 1)).sum()
         self.last_load.copy_(frac.detach())
         return out.view(b, s, d), balance

@@ -100,7 +100,8 @@ class RDT(CausalLM):
     def _resolve_loops(
         self, batch: int, num_loops: int | None, loop_counts: Tensor | None, n_steps: int | None
     ) -> tuple[int, Tensor | None]:
-        """-> (iterations to run, per-sequence counts or None when all sequences run them all)."""
+        """-> (iterations to run, per-sequence counts on the host, or None when every sequence
+        runs them all). Pass ``loop_counts`` as a CPU tensor: it decides Python control flow."""
         if loop_counts is not None:
             counts = loop_counts.detach().to("cpu", torch.long)
             if counts.shape != (batch,):
@@ -110,7 +111,7 @@ class RDT(CausalLM):
             n = int(n_steps) if n_steps is not None else int(counts.max())
             if n < int(counts.max()):
                 raise ValueError(f"n_steps={n} is below the largest loop count {int(counts.max())}")
-            return n, None if bool((counts == n).all()) else loop_counts.to(torch.long)
+            return n, None if bool((counts == n).all()) else counts
         if num_loops is not None:
             if num_loops < 1:
                 raise ValueError(f"num_loops must be >= 1, got {num_loops}")
@@ -177,12 +178,21 @@ class RDT(CausalLM):
         num_loops: int | None = None,
         loop_counts: Tensor | None = None,
         n_steps: int | None = None,
+        h0: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        """``num_loops``: run every sequence this many iterations. ``loop_counts [B]`` with
-        ``n_steps``: per-sequence counts and the (global) number of iterations to run. Neither:
-        sample in training, ``loops.eval_loops`` in eval."""
+        """``num_loops``: run every sequence this many iterations. ``loop_counts [B]`` (CPU) with
+        optional ``n_steps``: per-sequence counts and the number of iterations to run (>= max;
+        more only to keep ZeRO-3 ranks in step). Neither: sample in training, ``loops.eval_loops``
+        in eval. ``h0 [B, S, d]``: the initial state (default: noise in training, zeros in eval)."""
         cfg = self.cfg
         b, s, _ = x.shape
+        n, counts = self._resolve_loops(b, num_loops, loop_counts, n_steps)
+        plan = _ActiveRows(counts, n, x.device) if (
+            counts is not None and cfg.loops.execution == "active" and cache is None) else None
+        if plan is not None and plan.perm is not None:  # order rows by T: the active set is a prefix
+            x, input_ids = x[plan.perm], input_ids[plan.perm]
+            h0 = None if h0 is None else h0[plan.perm]
+
         for j, block in enumerate(self.prelude):
             x = self.run_block(block, x, rope, self.value_embed(j, input_ids), cache, (-1, j))
         e = self.prelude_norm(x)
@@ -190,41 +200,53 @@ class RDT(CausalLM):
         off = self.core_layer_offset
         ve_core = [self.value_embed(off + j, input_ids) for j in range(cfg.n_core)]
 
-        n, counts = self._resolve_loops(b, num_loops, loop_counts, n_steps)
-        if self.training and cfg.h0 == "noise":
+        if h0 is not None:
+            h = h0.to(e.dtype)
+        elif self.training and cfg.h0 == "noise":
             h = torch.empty_like(e)
             nn.init.trunc_normal_(h, std=cfg.h0_std, a=-2 * cfg.h0_std, b=2 * cfg.h0_std)
         else:
             h = torch.zeros_like(e)
-        start = None if counts is None else (n - counts).to(x.device)  # first active iteration
+        # masked execution: first active iteration per row (device), for torch.where
+        start = None if counts is None or plan is not None else (n - counts).to(x.device)
         bwd = cfg.loops.bwd_depth
         grad_from = n - bwd if (self.training and bwd > 0) else 0
         outer_grad = torch.is_grad_enabled()
         act = _ACTState(h) if self.halt is not None else None
         all_active = torch.ones(b, 1, dtype=torch.bool, device=x.device)
-        aux_terms: list[Tensor] = []
+        aux_terms: list[tuple[Tensor, int]] = []
         exit_kl = cfg.early_exit_kl if (cache is not None and not self.training) else 0.0
         prev_logp: Tensor | None = None
         ran = n
 
         for t in range(n):
-            if start is None:
+            rows = b if plan is None else plan.active[t]  # rows computed this iteration (a prefix)
+            if plan is not None:
+                active, loop_idx = plan.mask(t), t - plan.start[:rows]
+            elif start is None:
                 active, loop_idx = all_active, t
             else:
                 active = (t >= start).unsqueeze(-1)  # [B, 1]
                 loop_idx = (t - start).clamp(min=0)
+            h_in = h if rows == b else h[:rows]
+            ctx = inj_ctx if rows == b else self.injection.rows(inj_ctx, rows)
+            ve = ve_core if rows == b else [None if v is None else v[:rows] for v in ve_core]
             track = outer_grad and t >= grad_from
             with torch.set_grad_enabled(track):
                 if track and cfg.checkpoint_loops and self.training and cache is None:
                     h_new, aux = checkpoint(
-                        self._iterate, h, inj_ctx, loop_idx, rope, ve_core, None, t, use_reentrant=False
+                        self._iterate, h_in, ctx, loop_idx, rope, ve, None, t, use_reentrant=False
                     )
                 else:
-                    h_new, aux = self._iterate(h, inj_ctx, loop_idx, rope, ve_core, cache, t)
+                    h_new, aux = self._iterate(h_in, ctx, loop_idx, rope, ve, cache, t)
                 if aux is not None:
-                    aux_terms.append(aux)
+                    aux_terms.append((aux, rows))
+                if rows < b:  # rows past the prefix keep their state (they have not started)
+                    h_new = torch.cat([h_new, h[rows:]])
                 if act is not None:
-                    p = torch.sigmoid(self.halt(h_new).squeeze(-1).float())
+                    p = torch.sigmoid(self.halt(h_new[:rows]).squeeze(-1).float())
+                    if rows < b:
+                        p = torch.cat([p, p.new_zeros(b - rows, s)])
                     ran_mask = act.update(p, h_new, active, t == n - 1, cfg.act.threshold)
                     h = torch.where(ran_mask.unsqueeze(-1), h_new, h)
                 elif start is None:
@@ -248,7 +270,9 @@ class RDT(CausalLM):
                     break
 
         aux: dict[str, Tensor] = {"loops_run": torch.tensor(float(ran))}
-        aux["loops_mean"] = counts.float().mean().detach() if counts is not None else torch.tensor(float(n))
+        aux["loops_mean"] = counts.float().mean() if counts is not None else torch.tensor(float(n))
+        # core iterations computed per sequence (what the hardware ran; = loops_mean when active)
+        aux["loops_executed"] = torch.tensor(plan.executed / b if plan is not None else float(ran))
         aux_loss: Tensor | None = None
         if act is not None:
             h = act.output
@@ -262,8 +286,42 @@ class RDT(CausalLM):
             aux["act_halt_hist"] = torch.zeros(n + 1, dtype=torch.long, device=steps.device).scatter_add_(
                 0, steps, torch.ones_like(steps))
         if aux_terms:
-            balance = torch.stack(aux_terms).mean() / cfg.n_core
+            # each call's balance loss is a mean over the rows it ran: weight calls by their rows
+            total = sum(r for _, r in aux_terms)
+            balance = sum(a * (r / total) for a, r in aux_terms if r) / cfg.n_core
             term = cfg.moe.balance_weight * balance
             aux_loss = term if aux_loss is None else aux_loss + term
             aux["moe_balance"] = balance.detach()
-        return self._finish(h, input_ids, rope, cache), aux_loss, aux
+        y = self._finish(h, input_ids, rope, cache)
+        if plan is not None and plan.perm is not None:
+            y = y[plan.inverse]
+        return y, aux_loss, aux
+
+
+class _ActiveRows:
+    """Host-side plan for running per-sequence loop counts on active rows only.
+
+    With right-aligned counts, sequence i is active in iterations ``[n - T_i, n)``. Once the rows
+    are ordered by T (descending, ``perm``; None when already ordered), the active set of every
+    iteration is a prefix: ``active[t]`` rows. All of it is computed on the host from the CPU
+    counts, so the loop needs no device sync. ``active[t]`` may be 0 when ``n`` exceeds the
+    largest count (ZeRO-3 keeps ranks in step): the core is then called on zero rows.
+    """
+
+    def __init__(self, counts: Tensor, n: int, device: torch.device) -> None:
+        b = counts.numel()
+        order = torch.argsort(counts, descending=True, stable=True)
+        self.perm: Tensor | None = None
+        self.inverse: Tensor | None = None
+        if not bool((order == torch.arange(b)).all()):
+            self.perm = order.to(device)
+            self.inverse = torch.argsort(order).to(device)
+        first = n - counts[order]  # first active iteration of each ordered row (ascending)
+        self.active = [int(v) for v in torch.searchsorted(first, torch.arange(n), right=True)]
+        self.executed = float(sum(self.active))
+        self.start = first.to(device)
+        self._rows = torch.arange(b, device=device).unsqueeze(-1)
+
+    def mask(self, t: int) -> Tensor:
+        """``[B, 1]`` bool: rows active in iteration ``t`` (a prefix)."""
+        return self._rows < self.active[t]
