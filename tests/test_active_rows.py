@@ -60,7 +60,7 @@ def _pair(option: str, **extra) -> tuple[torch.nn.Module, torch.nn.Module]:
 def _run(model: torch.nn.Module, x: torch.Tensor, counts: torch.Tensor, n_steps: int, h0: torch.Tensor,
          with_aux: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
-    out = model(x, labels=x, loop_counts=counts, n_steps=n_steps, h0=h0)
+    out = model(x, labels=x, loop_counts=counts, n_steps=n_steps, h0=h0, return_logits=True)
     loss = out.ce_sum + (out.aux_loss if with_aux and out.aux_loss is not None else 0.0)
     loss.backward()
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -13,19 +13,19 @@ from torch.utils.checkpoint import checkpoint
 
 from mythos.model.config import ModelConfig
 from mythos.model.layers import Block, KVCache, RMSNorm, RotaryEmbedding
-
-IGNORE_INDEX = -100
+from mythos.model.loss import IGNORE_INDEX, linear_cross_entropy
 
 ParamKind = Literal["matrix", "embedding", "vector", "lti"]
 
 
 @dataclass
 class ModelOutput:
-    """``logits: [B, S, vocab]``. With labels: ``ce_sum`` (sum of token losses), ``n_tokens``
-    (labels != -100), ``loss`` = mean CE + weighted auxiliary losses (what a single-batch step
-    minimises). ``aux`` holds detached scalars for metrics (loops, ACT, MoE, rho)."""
+    """``logits: [B, S, vocab]`` (None when labels were given without ``return_logits``: the
+    loss head then never materialises them). With labels: ``ce_sum`` (sum of token losses, fp32),
+    ``n_tokens`` (labels != -100), ``loss`` = mean CE + weighted auxiliary losses (what a
+    single-batch step minimises). ``aux`` holds detached scalars for metrics (loops, ACT, MoE, rho)."""
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None = None
     ce_sum: Tensor | None = None
     n_tokens: Tensor | None = None
@@ -35,12 +35,26 @@ class ModelOutput:
 
 class TokenEmbedding(nn.Embedding):
     """Token embedding that also serves as the tied output head: ``embed(ids)`` looks up
-    ``[B, S] -> [B, S, d]``; ``embed(h, as_head=True)`` projects ``[B, S, d] -> [B, S, vocab]``.
-    Going through ``forward`` both times matters under ZeRO-3, which gathers a partitioned weight
+    ``[B, S] -> [B, S, d]``; ``embed(h, as_head=True)`` projects ``[B, S, d] -> [B, S, vocab]``,
+    and with ``labels`` returns the summed cross-entropy instead (fused, no logits tensor).
+    Going through ``forward`` every time matters under ZeRO-3, which gathers a partitioned weight
     only inside its owning module's forward."""
 
-    def forward(self, x: Tensor, as_head: bool = False) -> Tensor:  # type: ignore[override]
-        return F.linear(x, self.weight) if as_head else super().forward(x)
+    def forward(self, x: Tensor, as_head: bool = False, labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if not as_head:
+            return super().forward(x)
+        return F.linear(x, self.weight) if labels is None else linear_cross_entropy(x, self.weight, labels)
+
+
+class LMHead(nn.Linear):
+    """Untied output head (``nn.Linear`` without bias, same state-dict keys); with ``labels`` it
+    returns the summed cross-entropy without materialising logits (see :mod:`mythos.model.loss`)."""
+
+    def __init__(self, d: int, vocab: int) -> None:
+        super().__init__(d, vocab, bias=False)
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return F.linear(x, self.weight) if labels is None else linear_cross_entropy(x, self.weight, labels)
 
 
 class CausalLM(nn.Module):
@@ -57,7 +71,7 @@ class CausalLM(nn.Module):
         )
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.d_model, cfg.vocab_size)
 
     # ------------------------------------------------------------------ pieces
     def value_embed(self, layer: int, input_ids: Tensor) -> Tensor | None:
@@ -65,8 +79,15 @@ class CausalLM(nn.Module):
         return self.value_embeds[key](input_ids) if key in self.value_embeds else None
 
     def head(self, h: Tensor) -> Tensor:
+        """Final norm and output projection: ``[B, S, d] -> [B, S, vocab]`` logits."""
         h = self.norm(h)
         return self.embed(h, as_head=True) if self.lm_head is None else self.lm_head(h)
+
+    def head_loss(self, h: Tensor, labels: Tensor) -> Tensor:
+        """Summed cross-entropy (fp32 scalar) of the head's logits against ``labels``, fused:
+        the ``[B, S, vocab]`` logits are never held (:mod:`mythos.model.loss`)."""
+        h = self.norm(h)
+        return self.embed(h, as_head=True, labels=labels) if self.lm_head is None else self.lm_head(h, labels)
 
     def run_block(
         self,
@@ -93,21 +114,27 @@ class CausalLM(nn.Module):
         labels: Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        return_logits: bool = False,
         **kwargs,
     ) -> ModelOutput:
-        """input_ids: ``[B, S]`` int64; labels ``[B, S]`` (already shifted; -100 ignored)."""
+        """input_ids: ``[B, S]`` int64; labels ``[B, S]`` (already shifted; -100 ignored). With
+        labels the loss is computed by the fused head and ``logits`` is None unless
+        ``return_logits`` (then the loss comes from those logits, the unfused way)."""
         start = cache.pos if cache is not None else 0
         rope = self.rope(start, input_ids.shape[1])
         x = self.embed(input_ids)
         h, aux_loss, aux = self.trunk(x, input_ids, rope, cache, **kwargs)
         if cache is not None:
             cache.pos += input_ids.shape[1]
-        logits = self.head(h)
+        logits = self.head(h) if labels is None or return_logits else None
         out = ModelOutput(logits=logits, aux=aux, aux_loss=aux_loss)
         if labels is not None:
-            ce_sum = F.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
+            if logits is None:
+                ce_sum = self.head_loss(h, labels)
+            else:
+                ce_sum = F.cross_entropy(
+                    logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
             n_tokens = (labels != IGNORE_INDEX).sum()
             out.ce_sum, out.n_tokens = ce_sum, n_tokens
             out.loss = ce_sum / n_tokens.clamp(min=1)
