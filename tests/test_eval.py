@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,10 +81,113 @@ def _shards(run: Path) -> Path:
 
 
 def test_eval_cli_errors_are_one_line(tmp_path: Path, short_runs) -> None:
-    for args in (["--run", str(tmp_path)], ["--run", str(short_runs["rdt"]), "--checkpoint", "step9999999"],
-                 ["--run", str(short_runs["rdt"]), "--loops", "0,2"]):
+    """Every bad input -- run dir, checkpoint, loops, device, dtype, argparse usage, task dir -- is
+    one ``error:`` line on stderr and exit code 2, before any weights load."""
+    rdt = str(short_runs["rdt"])
+    no_ckpt = tmp_path / "no_ckpt"  # a run directory whose training never saved
+    no_ckpt.mkdir()
+    shutil.copy(short_runs["rdt"] / "config.resolved.yaml", no_ckpt)
+    cases = [["--run", str(tmp_path)], ["--run", str(no_ckpt)], ["--run", rdt, "--checkpoint", "step9999999"],
+             ["--run", rdt, "--loops", "0,2"], ["--run", rdt, "--loops", "a"], ["--run", rdt, "--device", "tpu"],
+             ["--run", rdt, "--dtype", "float16"], ["--run", rdt, "--batch-size", "x"], ["--loops", "1"],
+             ["--run", rdt, "--multihop", str(tmp_path / "no_task")]]
+    if not torch.cuda.is_available():
+        cases.append(["--run", rdt, "--device", "cuda"])
+    for args in cases:
         proc = subprocess.run([sys.executable, "-m", "mythos.eval", *args], cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, args
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (
+            args, proc.stderr[-2000:])
+    if not torch.cuda.is_available():
+        assert "use --device cpu" in proc.stderr
+
+
+def _reference_lm(run_dir: Path, loops: list[int], batch_size: int) -> dict[str, float]:
+    """The val pass exactly as ``mythos.eval`` ran it before --device/--dtype existed: fp32 model
+    on the CPU, the plain val loader, :func:`mythos.train.evaluate.evaluate`."""
+    from mythos.data import build_val_loader
+    from mythos.eval.loading import load_run
+    from mythos.train.evaluate import evaluate
+
+    run = load_run(run_dir)
+    val = build_val_loader(run.cfg.data, batch_size)
+    return evaluate(run.model, lambda: iter(val), run.cfg.model, torch.device("cpu"), loops=loops,
+                    token_bytes=TokenBytes.for_shards(run.cfg.data.shards))
+
+
+def test_eval_cpu_fp32_reproduces_reference_and_bf16_is_close(short_runs, tmp_path: Path) -> None:
+    """``--device cpu --dtype float32`` gives bit-identical loss/bpb to the pre-flag code path, with
+    progress lines per loop count on stderr; bf16 is really used and stays close."""
+    run = short_runs["rdt"]
+    ref = _reference_lm(run, [1, 8], 64)
+    proc = subprocess.run([sys.executable, "-m", "mythos.eval", "--run", str(run), "--loops", "1,8", "--batch-size",
+                           "64", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path / "fp32.json")],
+                          cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fp32 = json.loads((tmp_path / "fp32.json").read_text())
+    assert fp32["device"] == "cpu" and fp32["dtype"] == "float32"
+    lm = fp32["lm"]
+    assert (lm["loss"], lm["bpb"], lm["tokens"]) == (ref["val/loss"], ref["val/bpb"], ref["val/tokens"])
+    for t in ("1", "4", "8"):
+        assert (lm["by_loops"][t]["loss"], lm["by_loops"][t]["bpb"]) == (ref[f"val/loss@{t}"], ref[f"val/bpb@{t}"])
+    n = -(-lm["samples"] // 64)
+    for t in (1, 4, 8):  # one pass per loop count, each reported to its end
+        assert f"eval T={t}: {n}/{n} batches" in proc.stderr
+
+    from mythos.eval.cli import run_eval
+
+    bf16 = run_eval(run, loops=[1, 8], batch_size=64, device="cpu", dtype="bfloat16", out=tmp_path / "bf16.json")
+    assert bf16["dtype"] == "bfloat16" and bf16["lm"]["tokens"] == lm["tokens"]
+    assert bf16["lm"]["loss"] != lm["loss"]  # the model really ran in bf16 ...
+    for t in ("1", "4", "8"):  # ... and bf16 rounding moves the loss by well under 1%
+        assert bf16["lm"]["by_loops"][t]["loss"] == pytest.approx(lm["by_loops"][t]["loss"], rel=1e-2)
+        assert bf16["lm"]["by_loops"][t]["bpb"] == pytest.approx(lm["by_loops"][t]["bpb"], rel=1e-2)
+
+
+def test_device_and_dtype_resolution() -> None:
+    from mythos.config import ConfigError
+    from mythos.eval.device import resolve
+
+    cuda = torch.cuda.is_available()
+    assert resolve(None, None) == ((torch.device("cuda"), torch.bfloat16) if cuda
+                                   else (torch.device("cpu"), torch.float32))
+    assert resolve("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    assert resolve("cpu", "float32") == (torch.device("cpu"), torch.float32)
+    for device, dtype in (("tpu", None), ("cpu", "float16"), ("cpu", "int8"), ("cuda:x", None)):
+        with pytest.raises(ConfigError):
+            resolve(device, dtype)
+    if not cuda:
+        with pytest.raises(ConfigError, match="CUDA is not available; use --device cpu"):
+            resolve("cuda", None)
+
+
+def _khop_task(out: Path) -> Path:
+    """A tiny k-hop task (vocab 41, 9 positions: fits the tiny runs' 1024-token, 64-position model)."""
+    subprocess.run([sys.executable, "-m", "mythos.tasks", "--out", str(out), "test_hops=[1,2,3]", "train_per_hop=4",
+                    "val_per_hop=2", "test_per_hop=5", "fact_repeats=1"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_cli_on_cuda(short_runs, tmp_path: Path) -> None:
+    """``--device cuda`` (default bf16, and fp32) on the fixture run: val pass plus multi-hop; the
+    fp32 numbers match the CPU's to round-off, bf16 within 1%."""
+    run, task = short_runs["rdt"], _khop_task(tmp_path / "khop")
+    out = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", None), ("cuda", "float32")):
+        path = tmp_path / f"{device}-{dtype}.json"
+        args = ["--run", str(run), "--loops", "1,8", "--batch-size", "64", "--multihop", str(task), "--out", str(path),
+                "--device", device] + (["--dtype", dtype] if dtype else [])
+        proc = subprocess.run([sys.executable, "-m", "mythos.eval", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[device, dtype] = json.loads(path.read_text())
+    cpu, bf16, fp32 = out["cpu", "float32"], out["cuda", None], out["cuda", "float32"]
+    assert bf16["device"].startswith("cuda") and bf16["dtype"] == "bfloat16" and fp32["dtype"] == "float32"
+    for t in ("1", "4", "8"):
+        assert fp32["lm"]["by_loops"][t]["loss"] == pytest.approx(cpu["lm"]["by_loops"][t]["loss"], rel=1e-4)
+        assert bf16["lm"]["by_loops"][t]["bpb"] == pytest.approx(cpu["lm"]["by_loops"][t]["bpb"], rel=1e-2)
+    assert set(bf16["multihop"]["accuracy"]) == {"1", "8"} and bf16["multihop"]["count"] == {"1": 5, "2": 5, "3": 5}
 
 
 class _Oracle(torch.nn.Module):
@@ -114,3 +218,22 @@ def test_multihop_scoring_per_hop_and_loop() -> None:
                                "4": {"1": 1.0, "2": 1.0, "4": 1.0}}
     with pytest.raises(ValueError, match="max_seq_len"):
         evaluate_multihop(model, [{"hops": 1, "prompt_ids": [1] * 40, "answer_ids": [2]}])
+
+
+def test_multihop_batches_match_one_at_a_time_on_a_real_model(short_runs, capsys) -> None:
+    """Batched, longest-first multi-hop decoding predicts exactly what one-query-at-a-time greedy
+    decoding does: with those predictions as the answers, every query scores 1.0."""
+    from mythos.eval.loading import load_run
+
+    model = load_run(short_runs["rdt"], device="cpu", dtype=torch.float32).model
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for i in range(14):  # interleaved (prompt, answer) lengths: groups of 4, 4, 3, 3 -> ragged batches of 3
+        prompt = torch.randint(2, model.cfg.vocab_size, (3 + i % 4,), generator=g).tolist()
+        n_answer = 1 + i % 2
+        ans = model.generate(torch.tensor([prompt]), n_answer, num_loops=2)[0, len(prompt):].tolist()
+        examples.append({"hops": 1 + i % 3, "prompt_ids": prompt, "answer_ids": ans})
+    res = evaluate_multihop(model, examples, loops=[2], batch_size=3, quiet=False)
+    assert res["accuracy"] == {"2": {"1": 1.0, "2": 1.0, "3": 1.0}}
+    n_batches = sum(-(-c // 3) for c in (4, 4, 3, 3))  # (prompt len, answer len) groups of 4, 4, 3, 3 queries
+    assert f"multihop T=2: {n_batches}/{n_batches} batches" in capsys.readouterr().err

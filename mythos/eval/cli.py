@@ -1,7 +1,8 @@
 """``python -m mythos.eval``: evaluate a trained run on its held-out split (and a multi-hop task).
 
     python -m mythos.eval --run runs/demo/rdt-tiny [--checkpoint step0000200] \\
-        [--loops 1,2,4,8,12,16,24,32] [--multihop data/multihop/khop] [--out FILE]
+        [--loops 1,2,4,8,12,16,24,32] [--multihop data/multihop/khop] [--out FILE] \\
+        [--device cuda|cpu] [--dtype bfloat16|float32] [--quiet]
 
 Computes, with the same function training's periodic eval uses (:func:`mythos.train.evaluate.evaluate`):
 validation loss, perplexity and bits per byte over the *whole* val split of the run's data (exact
@@ -9,11 +10,14 @@ token-weighted sums; bpb from exact per-token byte counts), for an RDT at every 
 and at its default depth. ``--multihop DIR`` adds exact-match accuracy per hop count (and loop
 count) on ``DIR/test.jsonl``. Results go to ``RUN/eval/results.json`` (atomically; sections of an
 earlier result for the *same* checkpoint that this call did not recompute are kept).
+
+``--device`` / ``--dtype`` default to CUDA + bf16 when available, else CPU + fp32 (the latter
+reproduces the CPU numbers exactly); loss sums are fp64 either way. Progress goes to stderr
+(one line per loop count and phase; ``--quiet`` silences it). Bad input is one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 
 from mythos.config import ConfigError
+from mythos.eval.device import ArgumentParser, add_device_args
 from mythos.io import atomic_write_text
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -40,18 +45,41 @@ def parse_loops(text: str) -> list[int]:
     return loops
 
 
-def evaluate_lm(run: Any, loops: Sequence[int], batch_size: int, max_batches: int = 0) -> dict[str, Any]:
-    """Val loss / ppl / bpb of a loaded run over its whole val split, per loop count."""
+def evaluate_lm(
+    run: Any,
+    loops: Sequence[int],
+    batch_size: int,
+    max_batches: int = 0,
+    *,
+    device: str | torch.device | None = None,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Val loss / ppl / bpb of a loaded run over its whole val split, per loop count, with the
+    batches on ``device`` (default: where the model's parameters are)."""
     from mythos.data import build_val_loader
-    from mythos.train.evaluate import TokenBytes, evaluate
+    from mythos.eval.device import Progress
+    from mythos.train.evaluate import TokenBytes, eval_loop_counts, evaluate
 
     cfg = run.cfg
     val = build_val_loader(cfg.data, batch_size)
     if val.num_samples == 0:
         raise ConfigError(f"data.shards={cfg.data.shards} has no val samples (re-shard with --val-fraction > 0)")
     token_bytes = TokenBytes.for_shards(cfg.data.shards)
-    res = evaluate(run.model, lambda: iter(val), cfg.model, torch.device("cpu"), loops=loops,
-                   max_batches=max_batches, token_bytes=token_bytes)
+    dev = torch.device(device) if device is not None else next(run.model.parameters()).device
+    n_batches = min(len(val), max_batches) if max_batches else len(val)
+    # evaluate() makes one pass per loop count, in eval_loop_counts order: label each pass's progress
+    phases = iter(eval_loop_counts(cfg.model, loops))
+
+    def batches() -> Any:
+        t = next(phases, None)
+        prog = Progress("eval" if t is None else f"eval T={t}", n_batches, quiet=quiet)
+        for i, batch in enumerate(val):
+            if i >= n_batches:  # the same cut evaluate(max_batches=...) makes
+                return
+            yield batch
+            prog.update(i + 1)
+
+    res = evaluate(run.model, batches, cfg.model, dev, loops=loops, max_batches=max_batches, token_bytes=token_bytes)
     out: dict[str, Any] = {
         "split": "val",
         "samples": val.num_samples if not max_batches else min(val.num_samples, max_batches * batch_size),
@@ -84,22 +112,34 @@ def run_eval(
     lm: bool = True,
     batch_size: int = 0,
     max_batches: int = 0,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    quiet: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``run_dir`` and write the results file; returns the results dict."""
+    """Evaluate ``run_dir`` on ``device`` in ``dtype`` (defaults: :func:`mythos.eval.device.resolve`)
+    and write the results file; returns the results dict."""
+    from mythos.eval.device import dtype_name, resolve
     from mythos.eval.loading import load_run
     from mythos.eval.multihop import evaluate_multihop
     from mythos.tasks.build import load_task_card, load_test_examples
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    run = load_run(run_dir, checkpoint)
+    # every check that needs no weights comes before loading them: bad input fails fast
+    dev, dt = resolve(device, dtype)
+    if batch_size < 0 or max_batches < 0:
+        raise ConfigError(f"--batch-size and --max-batches must be >= 0, got {batch_size} and {max_batches}")
+    if multihop is not None:
+        card, examples = load_task_card(multihop), load_test_examples(multihop)
+    run = load_run(run_dir, checkpoint, device=dev, dtype=dt)
     is_rdt = run.cfg.model.kind == "rdt"
     out_path = Path(out) if out else Path(run_dir) / RESULTS
     results: dict[str, Any] = {}
     if out_path.is_file():
         old = json.loads(out_path.read_text())
-        if old.get("checkpoint") == run.checkpoint:
-            results = old  # keep sections this call does not recompute
+        # keep sections this call does not recompute (a file without "dtype" was written in fp32)
+        if old.get("checkpoint") == run.checkpoint and old.get("dtype", "float32") == dtype_name(dt):
+            results = old
     tokens_per_step = run.info.get("tokens_per_step")
     results.update({
         "run_dir": str(run_dir),
@@ -112,14 +152,14 @@ def run_eval(
         "data_hash": run.info.get("data_hash"),
         "data_fingerprint": run.info.get("data_fingerprint"),
         "loops": list(loops) if is_rdt else None,
+        "device": str(dev),
+        "dtype": dtype_name(dt),
     })
     bs = batch_size or run.cfg.train.micro_batch_size
     if lm:
-        results["lm"] = evaluate_lm(run, loops if is_rdt else (), bs, max_batches)
+        results["lm"] = evaluate_lm(run, loops if is_rdt else (), bs, max_batches, device=dev, quiet=quiet)
     if multihop is not None:
-        card = load_task_card(multihop)
-        examples = load_test_examples(multihop)
-        res = evaluate_multihop(run.model, examples, loops if is_rdt else ())
+        res = evaluate_multihop(run.model, examples, loops if is_rdt else (), device=dev, quiet=quiet)
         tc = card["config"]
         chance = 1.0 / (tc["n_entities"] if card["task"] == "khop" else tc["n_nodes"])  # uniform guess
         results["multihop"] = {"task_dir": str(multihop), "task": card["task"], "data_hash": card["data_hash"],
@@ -132,7 +172,8 @@ def run_eval(
 
 def summary(results: dict[str, Any]) -> str:
     """Human-readable lines for the console."""
-    lines = [f"{results['name']} ({results['kind']}, {results['params'] / 1e6:.2f}M params) at {results['checkpoint']}"]
+    lines = [f"{results['name']} ({results['kind']}, {results['params'] / 1e6:.2f}M params) at {results['checkpoint']}"
+             f" on {results.get('device', 'cpu')} in {results.get('dtype', 'float32')}"]
     lm = results.get("lm")
     if lm:
         bpb = f" | bpb {lm['bpb']:.4f}" if lm.get("bpb") is not None else ""
@@ -151,7 +192,7 @@ def summary(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mythos.eval", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m mythos.eval", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="training run directory (holds config.resolved.yaml, checkpoints/)")
     p.add_argument("--checkpoint", default=None, help="tag (step0000200), 'latest' (default) or an exported model dir")
     p.add_argument("--loops", default=",".join(map(str, DEFAULT_LOOPS)), help="RDT loop counts (ignored for dense)")
@@ -160,10 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
     p.add_argument("--batch-size", type=int, default=0, help="val batch size (default: train.micro_batch_size)")
     p.add_argument("--max-batches", type=int, default=0, help="val batches (0 = the whole split)")
+    add_device_args(p)
     a = p.parse_args(argv)
     try:
         res = run_eval(a.run, checkpoint=a.checkpoint, loops=parse_loops(a.loops), multihop=a.multihop, out=a.out,
-                       lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches)
+                       lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device,
+                       dtype=a.dtype, quiet=a.quiet)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """lm-evaluation-harness adapter: our checkpoints as the registered model ``mythos``.
 
     python -m mythos.eval.lm_eval_adapter --run runs/demo/rdt-tiny --tasks hellaswag [--loops 16] \\
-        [--include-path my_tasks/] [--limit 100] [--out results.json]
+        [--include-path my_tasks/] [--limit 100] [--out results.json] [--batch-size 8] \\
+        [--device cuda|cpu] [--dtype bfloat16|float32] [--quiet]
 
 or from Python (importing this module registers the model name)::
 
@@ -10,18 +11,21 @@ or from Python (importing this module registers the model name)::
 
 Model args: ``run`` (run directory, required), ``checkpoint`` (tag, ``latest`` or an exported
 model dir), ``loops`` (RDT test-time loop count; default the model's eval depth), ``batch_size``,
-``max_length`` (default ``model.max_seq_len``), ``device``, ``tokenizer`` (a ``tokenizer.model``;
-default: the one the run's shards were built with, found and sha256-checked via the manifest).
+``max_length`` (default ``model.max_seq_len``), ``device`` (default ``cuda`` if available, else
+``cpu``), ``dtype`` (``float32``/``bfloat16``; default bf16 on cuda, fp32 on cpu), ``tokenizer`` (a
+``tokenizer.model``; default: the one the run's shards were built with, found and sha256-checked
+via the manifest), ``quiet`` (no progress lines on stderr).
 
 Conventions: training data joins documents as ``doc EOS doc`` with no BOS, so the end-of-text
 token (EOS) is both ``eot_token_id`` and the prefix for empty contexts. Requests longer than
 ``max_length`` keep their *last* tokens (left truncation), as the HF backend does. Batches are
 right-padded: with causal attention a pad after the real tokens cannot change their logits.
+Log-likelihood requests (rolling windows included) are scored longest first -- batches pad
+little and the first one shows an OOM at once -- and returned in the original order.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -34,7 +38,9 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from mythos.config import ConfigError
 from mythos.data.tokenizer import Tokenizer, find_tokenizer
+from mythos.eval.device import ArgumentParser, Progress, add_device_args, dtype_name, resolve
 
 
 @register_model("mythos")
@@ -48,21 +54,21 @@ class MythosLM(TemplateLM):
         loops: int | None = None,
         batch_size: int | str = 8,
         max_length: int | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         tokenizer: str | None = None,
+        dtype: str | None = None,
+        quiet: bool = False,
         **_: Any,
     ) -> None:
         super().__init__()
         from mythos.data.format import load_manifest
         from mythos.eval.loading import load_run
 
-        self.run = load_run(run, checkpoint, device=device)
+        self._device, self.dtype, self.kind = self.check_args(run, checkpoint, loops, device, dtype, batch_size)
+        self.run = load_run(run, checkpoint, device=self._device, dtype=self.dtype)
         self.model = self.run.model
-        self._device = torch.device(device)
-        self.kind = self.run.cfg.model.kind
-        if loops is not None and self.kind != "rdt":
-            raise ValueError(f"loops={loops} given but {run} is a {self.kind} model (loops are for the RDT)")
         self.loops = int(loops) if loops is not None else None
+        self.quiet = quiet in (True, "True", "true", "1")  # from a model_args string it is text
         if tokenizer:
             self.tok = Tokenizer(tokenizer)
         else:
@@ -76,6 +82,26 @@ class MythosLM(TemplateLM):
             self.tok = found
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length or self.run.cfg.model.max_seq_len)
+
+    @staticmethod
+    def check_args(
+        run: str, checkpoint: str | None, loops: int | None, device: str | None, dtype: str | None,
+        batch_size: int | str = 8,
+    ) -> tuple[torch.device, torch.dtype, str]:
+        """``(device, dtype, model kind)``; every check that needs no weights, so bad input fails
+        fast with a :class:`ConfigError` (one line) before anything is loaded."""
+        from mythos.eval.loading import load_run_config_from_dir, resolve_checkpoint
+
+        dev, dt = resolve(device, dtype)
+        kind = load_run_config_from_dir(run).model.kind
+        if loops is not None and kind != "rdt":
+            raise ConfigError(f"loops={loops} given but {run} is a {kind} model (loops are for the RDT)")
+        if loops is not None and int(loops) < 1:
+            raise ConfigError(f"loops must be >= 1, got {loops}")
+        if str(batch_size) != "auto" and int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1 (or 'auto'), got {batch_size}")
+        resolve_checkpoint(Path(run), checkpoint)
+        return dev, dt, kind
 
     # ---- lm-eval plumbing -----------------------------------------------------------------------
     @property
@@ -101,52 +127,64 @@ class MythosLM(TemplateLM):
 
     @torch.no_grad()
     def _logits(self, seqs: list[list[int]]) -> torch.Tensor:
-        """``[B, max_len, V]`` float32 log-probs of right-padded ``seqs``."""
+        """``[B, max_len, V]`` float32 log-probs of right-padded ``seqs``, on the model's device."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         out = self.model(ids.to(self._device), **self._forward_kwargs())
-        return F.log_softmax(out.logits.float(), dim=-1).cpu()
+        return F.log_softmax(out.logits.float(), dim=-1)
 
     # ---- scoring --------------------------------------------------------------------------------
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        """Sum of log p(continuation | context) and whether greedy decoding gives the continuation."""
-        results: list[tuple[float, bool]] = []
-        for lo in range(0, len(requests), self.batch_size):
-            chunk = requests[lo : lo + self.batch_size]
-            seqs, spans = [], []
-            for _, ctx, cont in chunk:
-                if not cont:
-                    raise ValueError("lm-eval request with an empty continuation")
-                whole = (ctx + cont)[-(self.max_length + 1):]  # left-truncate; the last token is only a target
-                inp = whole[:-1]
-                seqs.append(inp)
-                spans.append((len(inp) - len(cont), cont))
-            logp = self._logits(seqs)
-            for row, (start, cont) in enumerate(spans):
+        """Sum of log p(continuation | context) and whether greedy decoding gives the continuation,
+        in the order of ``requests`` (scored longest first)."""
+        seqs, spans = [], []
+        for _, ctx, cont in requests:
+            if not cont:
+                raise ValueError("lm-eval request with an empty continuation")
+            whole = (ctx + cont)[-(self.max_length + 1):]  # left-truncate; the last token is only a target
+            inp = whole[:-1]
+            seqs.append(inp)
+            spans.append((len(inp) - len(cont), cont))
+        # longest first (stable, so equal lengths keep their order): little padding per batch, and
+        # the first batch is the biggest, so an out-of-memory shows up at once
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        results: list[tuple[float, bool] | None] = [None] * len(seqs)
+        n_batches = -(-len(order) // self.batch_size)
+        prog = Progress("lm-eval loglikelihood", n_batches, quiet=self.quiet or disable_tqdm)
+        for b, lo in enumerate(range(0, len(order), self.batch_size)):
+            idx = order[lo : lo + self.batch_size]
+            logp = self._logits([seqs[i] for i in idx])
+            for row, i in enumerate(idx):
+                start, cont = spans[i]
                 lp = logp[row, start : start + len(cont)]  # position j predicts token j + 1
-                target = torch.tensor(cont, dtype=torch.long)
+                target = torch.tensor(cont, dtype=torch.long, device=lp.device)
                 total = float(lp.gather(-1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())
-                results.append((total, greedy))
-        return results
+                results[i] = (total, greedy)
+            prog.update(b + 1)
+        return results  # type: ignore[return-value]  # every slot is filled above
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of whole strings, in disjoint windows of ``max_length`` (lm-eval's rule)."""
-        out = []
-        for (string,) in [r.args for r in requests]:
-            windows = [
-                lm_utils.make_disjoint_window(w)
-                for w in lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1,
-                )
-            ]
-            scores = self._loglikelihood_tokens([(("", ""), ctx, cont) for ctx, cont in windows])
-            out.append(sum(s for s, _ in scores))
+        """Log-likelihood of whole strings, in disjoint windows of ``max_length`` (lm-eval's rule).
+        The windows of all strings are scored together, so they batch across strings."""
+        windows: list[tuple[tuple[str, str], list[int], list[int]]] = []
+        owner: list[int] = []
+        for k, (string,) in enumerate(r.args for r in requests):
+            for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1,
+            ):
+                ctx, cont = lm_utils.make_disjoint_window(w)
+                windows.append((("", ""), ctx, cont))
+                owner.append(k)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm) if windows else []
+        out = [0.0] * len(requests)
+        for k, (s, _) in zip(owner, scores):
+            out[k] += s  # windows of one string are added in their original order, as before
         return out
 
     @torch.no_grad()
@@ -176,26 +214,43 @@ class MythosLM(TemplateLM):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mythos.eval.lm_eval_adapter", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True)
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--loops", type=int, default=None)
+    p = ArgumentParser(prog="python -m mythos.eval.lm_eval_adapter", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="training run directory (holds config.resolved.yaml, checkpoints/)")
+    p.add_argument("--checkpoint", default=None, help="tag (step0000200), 'latest' (default) or an exported model dir")
+    p.add_argument("--loops", type=int, default=None, help="RDT test-time loop count (default: its eval depth)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
     p.add_argument("--limit", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="JSON results file (default RUN/eval/lm_eval.json)")
+    add_device_args(p)
     a = p.parse_args(argv)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    args = {"run": a.run, "batch_size": a.batch_size}
+    args: dict[str, Any] = {"run": a.run, "batch_size": a.batch_size}
     if a.checkpoint:
         args["checkpoint"] = a.checkpoint
     if a.loops is not None:
         args["loops"] = a.loops
-    res = lm_eval.simple_evaluate(model="mythos", model_args=args, tasks=a.tasks.split(","), limit=a.limit,
-                                  task_manager=TaskManager(include_path=a.include_path), log_samples=False)
+    tasks = [t for t in a.tasks.split(",") if t.strip()]
+    try:
+        # all input is checked before any weights load (their loader prints progress), and the
+        # model is built here rather than by simple_evaluate: bad input is one error line, not
+        # a traceback from inside lm-eval
+        MythosLM.check_args(a.run, a.checkpoint, a.loops, a.device, a.dtype, a.batch_size)
+        manager = TaskManager(include_path=a.include_path)  # indexing every lm-eval task takes seconds
+        unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file() and not
+                   manager.match_tasks([t])]
+        if unknown or not tasks:
+            raise ConfigError(f"unknown lm-eval task(s) {unknown or a.tasks!r} (see `lm_eval ls tasks`; local YAMLs "
+                              "need --include-path DIR)")
+        lm = MythosLM(**args, device=a.device, dtype=a.dtype, quiet=a.quiet)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.update(device=str(lm.device), dtype=dtype_name(lm.dtype))
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=a.limit, task_manager=manager, log_samples=False)
     out = Path(a.out) if a.out else Path(a.run) / "eval" / "lm_eval.json"
     from mythos.io import atomic_write_text
 

@@ -27,7 +27,7 @@ RESOLVED_CONFIG = "config.resolved.yaml"
 
 @dataclass
 class LoadedRun:
-    """A run's config and model (eval mode, fp32) at one checkpoint."""
+    """A run's config and model (eval mode, on the requested device / dtype) at one checkpoint."""
 
     run_dir: Path
     cfg: RunConfig
@@ -69,8 +69,14 @@ def resolve_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, int]:
     return path, int(m.group(1)) if m else -1
 
 
-def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | torch.device = "cpu") -> LoadedRun:
-    """Config + fp32 model of ``run_dir`` at ``checkpoint`` (default: the newest complete one)."""
+def load_run(
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedRun:
+    """Config + model of ``run_dir`` at ``checkpoint`` (default: the newest complete one), built
+    on ``device`` from the fp32 master weights and then cast to ``dtype`` (as training's bf16 does)."""
     from mythos.export import consolidate_deepspeed, load_consolidated
     from mythos.model import build_model
 
@@ -89,7 +95,7 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | t
                 f"checkpoint {path} does not match {run_dir / RESOLVED_CONFIG}'s model (missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]})"
             )
-    model.eval()
+    model.to(dtype=dtype).eval()
     info_path = run_dir / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     return LoadedRun(run_dir, cfg, model, path.name if step >= 0 else str(path), step, info)

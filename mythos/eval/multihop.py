@@ -4,8 +4,9 @@ The test queries come from a task directory (``python -m mythos.tasks``): each h
 ``prompt_ids`` (``<s>`` + prompt) and ``answer_ids``. The model greedily decodes
 ``len(answer)`` tokens after the prompt; a query is correct iff they equal the answer exactly
 (:func:`mythos.tasks.exact_match`). Queries are batched by prompt/answer length, so no padding
-ever enters a prompt. The RDT runs every loop count in ``loops`` (more loops than it was trained
-with = more test-time depth); a dense model has one depth, reported under the key ``"default"``.
+ever enters a prompt (batching cannot change a prediction), longest prompts first. The RDT runs
+every loop count in ``loops`` (more loops than it was trained with = more test-time depth); a
+dense model has one depth, reported under the key ``"default"``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ def evaluate_multihop(
     loops: Sequence[int] = (),
     *,
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    quiet: bool = True,
 ) -> dict[str, Any]:
     """``{"accuracy": {loops_key: {hops: acc}}, "count": {hops: n}, "train_hops": ...}``.
 
     ``loops_key`` is ``str(T)`` for each RDT loop count (``"default"`` for a dense model, or an
     RDT evaluated at its configured depth when ``loops`` is empty). Hop counts are string keys
-    (JSON)."""
+    (JSON). Prompts go to ``device`` (default: the model's); ``quiet=False`` prints progress."""
+    from mythos.eval.device import Progress
+
     if not examples:
         raise ValueError("no multi-hop test examples")
     vocab = model.cfg.vocab_size
@@ -53,16 +57,22 @@ def evaluate_multihop(
     count: dict[str, int] = defaultdict(int)
     for e in examples:
         count[str(e["hops"])] += 1
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # longest prompts first: the first batch is the biggest, so an OOM shows up at once
+    batches = [(n_answer, group[lo : lo + batch_size])
+               for (_, n_answer), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))
+               for lo in range(0, len(group), batch_size)]
     model.eval()
     accuracy: dict[str, dict[str, float]] = {}
     for key, kwargs in settings:
         correct: dict[str, int] = defaultdict(int)
-        for (_, n_answer), group in sorted(groups.items()):
-            for lo in range(0, len(group), batch_size):
-                chunk = group[lo : lo + batch_size]
-                prompt = torch.tensor([e["prompt_ids"] for e in chunk], dtype=torch.long, device=device)
-                out = model.generate(prompt, n_answer, **kwargs)[:, prompt.shape[1]:].tolist()
-                for e, pred in zip(chunk, out):
-                    correct[str(e["hops"])] += exact_match(pred, e["answer_ids"])
+        prog = Progress("multihop" if key == DEFAULT else f"multihop T={key}", len(batches), quiet=quiet)
+        for i, (n_answer, chunk) in enumerate(batches):
+            prompt = torch.tensor([e["prompt_ids"] for e in chunk], dtype=torch.long, device=device)
+            out = model.generate(prompt, n_answer, **kwargs)[:, prompt.shape[1]:].tolist()
+            for e, pred in zip(chunk, out):
+                correct[str(e["hops"])] += exact_match(pred, e["answer_ids"])
+            prog.update(i + 1)
         accuracy[key] = {h: correct[h] / count[h] for h in sorted(count, key=int)}
     return {"accuracy": accuracy, "count": dict(sorted(count.items(), key=lambda kv: int(kv[0])))}
