@@ -17,8 +17,8 @@ fixed random batch of ``--micro-batch`` x ``--seq`` tokens:
   ``model.compile_blocks()`` (per-block compile; the loop count varies per step, which would
   recompile a whole-model graph). ``off``: eager.
 - the RDT runs its preset schedule (Poisson(8) per sequence, gradients through the last 4
-  iterations, per-iteration activation checkpointing); each step executes ``max_i T_i`` iterations
-  over its micro-batch (all sequences right-aligned).
+  iterations, per-iteration activation checkpointing); with active-row execution (the default)
+  each sequence runs its own T, and the model reports the iterations it executed per step.
 
 Reported per configuration: median step time (wall clock, synchronised each step), tokens/s
 (per GPU), MFU = tokens/s * model FLOPs per token / peak, HFU = the same with the FLOPs the
@@ -101,7 +101,7 @@ def run_config(name: str, compile_on: bool, micro_batch: int, args, device: torc
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, args.seq), device=device, generator=g)
     labels = shifted_labels(ids)
-    executed: list[float] = []
+    executed: list[tuple[float, float]] = []
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -110,8 +110,8 @@ def run_config(name: str, compile_on: bool, micro_batch: int, args, device: torc
         else:
             out = runner(ids, labels)
             loss = out.loss
-            if "loops_run" in out.aux:  # a CPU tensor: reading it does not sync the GPU
-                executed.append(float(out.aux["loops_run"]))
+            if "loops_executed" in out.aux:  # CPU tensors: reading them does not sync the GPU
+                executed.append((float(out.aux["loops_executed"]), float(out.aux["bwd_loops_executed"])))
         loss.backward()
         opt.step()
         return loss.detach()
@@ -136,8 +136,9 @@ def run_config(name: str, compile_on: bool, micro_batch: int, args, device: torc
     tok_s = tokens / step_s
     model_flops = flops_per_token(cfg, args.seq)
     if cfg.kind == "rdt":
-        t_exec = statistics.fmean(executed)
-        hw_flops = flops_per_token(cfg, args.seq, loops_mean=t_exec, include_recompute=True)
+        t_exec = statistics.fmean(e[0] for e in executed)
+        k_exec = statistics.fmean(e[1] for e in executed)
+        hw_flops = flops_per_token(cfg, args.seq, loops_mean=t_exec, bwd_loops_mean=k_exec, include_recompute=True)
     else:
         t_exec = None
         hw_flops = flops_per_token(cfg, args.seq, include_recompute=True)

@@ -11,7 +11,9 @@ the number of workers breaks exact resume and matched comparisons).
   ``perm_e[offset : offset + B]``; when fewer than ``B`` samples remain the tail is dropped and
   the next epoch starts at offset 0 (every step sees exactly ``B`` distinct samples).
 - Rank ``r`` of ``W`` takes the contiguous slice ``[r * B/W, (r+1) * B/W)`` of the global batch,
-  cut into micro-batches of ``m`` (so rank-order concatenation is the global batch itself).
+  cut into micro-batches of ``m`` (so rank-order concatenation is the global batch itself) -- or of
+  a per-step permutation of its positions when the loader has a layout (the RDT groups samples of
+  similar loop count, :mod:`mythos.train.loop_layout`); the batch's set of samples is the same.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Loop-count sampling for RDT training.
 
-Under data parallelism (and ZeRO-3 in particular, which all-gathers parameters on every core
-call) every rank must run the core the same number of times per step. So the loop counts of the
-*whole global batch* are a pure function of ``(seed, step)``: each rank draws the same vector,
-takes its own slice for its sequences, and runs ``max`` of the full vector iterations -- no
-communication needed, and a resumed run redraws exactly the same counts.
+The loop counts of the *whole global batch* are a pure function of ``(seed, step)``: every rank
+draws the same vector and reads its samples' counts by their global positions, so a sample's T
+depends neither on the world size nor on which rank runs it, and a resumed run redraws exactly the
+same counts. Which rank and micro-batch runs which position, and how many iterations a
+micro-batch runs (ZeRO-3 needs equal core calls on every rank), is decided by
+:mod:`mythos.train.loop_layout`.
 """
 
 from __future__ import annotations

@@ -8,16 +8,23 @@
     h_t+1= Core(u_t)                               R blocks, weights shared across t
     y    = Head(Norm(Coda(C h_T)))                 C: d x d readout, then the coda blocks
 
-**Per-sequence loop counts, right-aligned.** In training each sequence i has its own
-``T_i`` (sampled globally from (seed, step), see :mod:`mythos.model.loops`) and the batch runs
-``n = max T`` iterations (the *global* max, so every rank makes the same number of core calls).
-Sequence i is *active* for the last ``T_i`` of them -- it holds ``h_0`` before -- so all
-sequences finish together. Truncated backprop then needs no per-sequence bookkeeping: only the
-last ``bwd_depth`` iterations run with autograd, and each sequence gets gradients through exactly
-``min(T_i, bwd_depth)`` iterations. Activation memory is O(bwd_depth) (O(1) per iteration with
-``checkpoint_loops``), not O(max T). Left-aligned masking (freeze when done) would have to keep
-the graph from the earliest sequence's window to the end. The loop index seen by depth-wise LoRA
-and the loop embedding is each sequence's own iteration number ``t - (n - T_i)``.
+**Per-sequence loop counts, right-aligned.** In training each sequence i has its own ``T_i``
+(a function of (seed, step, global position), see :mod:`mythos.model.loops` and
+:mod:`mythos.train.loop_layout`) and the batch runs ``n >= max T`` iterations (``n_steps``: more
+than the batch's own max only to keep ZeRO-3 ranks in step). Sequence i is *active* for the last
+``T_i`` of them -- it holds ``h_0`` before -- so all sequences finish together. Truncated backprop
+then needs no per-sequence bookkeeping: only the last ``bwd_depth`` iterations run with autograd,
+and each sequence gets gradients through exactly ``min(T_i, bwd_depth)`` iterations. Activation
+memory is O(bwd_depth) (O(1) per iteration with ``checkpoint_loops``), not O(max T). The loop
+index seen by depth-wise LoRA and the loop embedding is each sequence's own iteration number
+``t - (n - T_i)``.
+
+**Active rows only** (``loops.execution=active``, the default). Once the rows are ordered by T
+(descending; done on the host from the CPU counts, then undone on the output), the active set of
+every iteration is a prefix ``[:a_t]``: the core runs on ``h[:a_t]`` only, so a batch costs
+``sum_i T_i`` core applications instead of ``B * max T`` -- no gather, no device sync. ``a_t`` may
+be 0 (a ZeRO-3 lockstep iteration): the core is still called, on zero rows. ``masked`` keeps the
+old computation (every row runs all ``n``, finished rows discarded by ``torch.where``) for A/B.
 
 **ACT** (optional) weights the states of a position's iterations by its halting probabilities
 (remainder rule, forced remainder at the last iteration), freezes halted positions, and adds a
@@ -271,8 +278,15 @@ class RDT(CausalLM):
 
         aux: dict[str, Tensor] = {"loops_run": torch.tensor(float(ran))}
         aux["loops_mean"] = counts.float().mean() if counts is not None else torch.tensor(float(n))
-        # core iterations computed per sequence (what the hardware ran; = loops_mean when active)
-        aux["loops_executed"] = torch.tensor(plan.executed / b if plan is not None else float(ran))
+        # core iterations computed per sequence, forward and with autograd (what the hardware ran,
+        # for HFU; with active rows the sequences' own T and min(T, bwd_depth))
+        tracked = range(grad_from, ran) if outer_grad else range(0)
+        if plan is not None:
+            aux["loops_executed"] = torch.tensor(sum(plan.active[:ran]) / b)
+            aux["bwd_loops_executed"] = torch.tensor(sum(plan.active[t] for t in tracked) / b)
+        else:
+            aux["loops_executed"] = torch.tensor(float(ran))
+            aux["bwd_loops_executed"] = torch.tensor(float(len(tracked)))
         aux_loss: Tensor | None = None
         if act is not None:
             h = act.output
@@ -318,7 +332,6 @@ class _ActiveRows:
             self.inverse = torch.argsort(order).to(device)
         first = n - counts[order]  # first active iteration of each ordered row (ascending)
         self.active = [int(v) for v in torch.searchsorted(first, torch.arange(n), right=True)]
-        self.executed = float(sum(self.active))
         self.start = first.to(device)
         self._rows = torch.arange(b, device=device).unsqueeze(-1)
 
