@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint demo data clean
+.PHONY: install test lint demo data clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ data: install
 
 demo: install
 	bash launch/demo.sh
+
+# GPU acceptance (gpu-marked tests + bf16 MFU of dense-1.3b / rdt-770m); skips without CUDA
+gpu-check: install
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs/demo data/demo

@@ -104,9 +104,12 @@ def test_core_is_called_n_steps_times_even_with_no_active_row() -> None:
 def test_loops_executed_reports_what_ran() -> None:
     x = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
     counts = torch.tensor([3, 1, 4, 2])
-    # bwd_depth 2: active rows run min(T, 2) tracked iterations each, masked rows all run 2
-    for execution, fwd, bwd in (("active", 2.5, 1.75), ("masked", 4.0, 2.0)):
-        model = mythos.build_model(cfg_for(execution)).train()
+    # bwd_depth 2: active rows run min(T, 2) tracked iterations each, masked rows all run 2;
+    # bwd_depth 6 > max T: every iteration is tracked
+    cases = (("active", 2, 2.5, 1.75), ("masked", 2, 4.0, 2.0), ("active", 6, 2.5, 2.5), ("masked", 6, 4.0, 4.0))
+    for execution, bwd_depth, fwd, bwd in cases:
+        loops = LoopConfig(schedule="poisson", mean=3, bwd_depth=bwd_depth, execution=execution)
+        model = mythos.build_model(cfg_for(execution, loops=loops)).train()
         out = model(x, labels=x, loop_counts=counts)
         assert (out.aux["loops_executed"].item(), out.aux["bwd_loops_executed"].item()) == (fwd, bwd)
 

@@ -215,9 +215,9 @@ class RDT(CausalLM):
         else:
             h = torch.zeros_like(e)
         # masked execution: first active iteration per row (device), for torch.where
-        start = None if counts is None or plan is not None else (n - counts).to(x.device)
+        start = None if counts is None or plan is not None else _to_device(n - counts, x.device)
         bwd = cfg.loops.bwd_depth
-        grad_from = n - bwd if (self.training and bwd > 0) else 0
+        grad_from = max(n - bwd, 0) if (self.training and bwd > 0) else 0
         outer_grad = torch.is_grad_enabled()
         act = _ACTState(h) if self.halt is not None else None
         all_active = torch.ones(b, 1, dtype=torch.bool, device=x.device)
@@ -328,13 +328,21 @@ class _ActiveRows:
         self.perm: Tensor | None = None
         self.inverse: Tensor | None = None
         if not bool((order == torch.arange(b)).all()):
-            self.perm = order.to(device)
-            self.inverse = torch.argsort(order).to(device)
+            self.perm = _to_device(order, device)
+            self.inverse = _to_device(torch.argsort(order), device)
         first = n - counts[order]  # first active iteration of each ordered row (ascending)
         self.active = [int(v) for v in torch.searchsorted(first, torch.arange(n), right=True)]
-        self.start = first.to(device)
+        self.start = _to_device(first, device)
         self._rows = torch.arange(b, device=device).unsqueeze(-1)
 
     def mask(self, t: int) -> Tensor:
         """``[B, 1]`` bool: rows active in iteration ``t`` (a prefix)."""
         return self._rows < self.active[t]
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host index tensor -> ``device`` without a host sync: a plain ``.to("cuda")`` from pageable
+    memory waits for the copy; from pinned memory with ``non_blocking`` it is queued."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
