@@ -38,9 +38,7 @@ from torch import nn  # noqa: E402
 
 from mythos.export import hf_llama_config, hf_llama_state_dict  # noqa: E402
 from mythos.model.config import ModelConfig  # noqa: E402
-
-IGNORE_INDEX = -100
-
+from mythos.model.loss import IGNORE_INDEX  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # the peer

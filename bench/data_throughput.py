@@ -2,7 +2,7 @@
 
     python bench/data_throughput.py [--corpus data/demo] [--write-docs docs/data.md]
 
-1. *Tokenization, per worker*: ``data_prep.shard.tokenize_batch`` (encode + val-split hash + EOS
+1. *Tokenization, per worker*: ``data_prep.tokenize_workers.tokenize_batch`` (encode + val-split hash + EOS
    join + numpy packing) against a bare ``SentencePieceProcessor.encode`` of the same document
    batches in the same process (the ceiling). Target: ratio >= 0.8. Best of ``--repeats``.
 2. *Sharding end to end*: ``build_shards`` with ``--workers`` processes, into a temp dir.
@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 
 import sentencepiece as spm  # noqa: E402
 
-from data_prep import shard as shard_mod  # noqa: E402
 from data_prep.common import expand_inputs  # noqa: E402
 from data_prep.demo_corpus import write_text_slice  # noqa: E402
 from data_prep.shard import ShardParams, build_shards  # noqa: E402
-from data_prep.sources import SourceOptions  # noqa: E402
+from data_prep.sources import SourceOptions, iter_documents  # noqa: E402
+from data_prep.tokenize_workers import file_batches, init_worker, tokenize_batch  # noqa: E402
 from data_prep.train_tokenizer import TokenizerParams, train_tokenizer  # noqa: E402
 from mythos.data import DataConfig, Tokenizer, build_train_loader  # noqa: E402
 
@@ -54,11 +54,11 @@ def corpus_inputs(corpus: Path, work: Path) -> tuple[list[Path], Path]:
 
 def bench_tokenize(inputs: list[Path], tok: Path, repeats: int) -> dict:
     stats: dict = {}
-    batches = list(shard_mod._batches(expand_inputs(inputs), SourceOptions(), stats))
+    batches = list(file_batches(expand_inputs(inputs), SourceOptions(), stats))
     n_bytes = sum(len(d.encode()) for b in batches for d in b)
     t = Tokenizer(tok)
     sp = spm.SentencePieceProcessor(model_file=str(t.path))
-    shard_mod.init_worker(str(t.path), t.eos_id, 0.01, 0)
+    init_worker(str(t.path), t.eos_id, 0.01, 0)
     best_raw = best_ours = float("inf")
     n_tok = 0
     for _ in range(repeats):  # interleaved, so machine noise hits both alike
@@ -67,7 +67,7 @@ def bench_tokenize(inputs: list[Path], tok: Path, repeats: int) -> dict:
         best_raw = min(best_raw, time.perf_counter() - t0)
         t0 = time.perf_counter()
         for b in batches:
-            shard_mod.tokenize_batch(b)
+            tokenize_batch(b)
         best_ours = min(best_ours, time.perf_counter() - t0)
     return {
         "mb": n_bytes / 1e6,
@@ -91,13 +91,11 @@ def bench_parquet(inputs: list[Path], tok: Path, work: Path, repeats: int) -> di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_prep.sources import iter_documents
-
-    docs = [d for f in expand_inputs(inputs) for d in shard_mod.iter_documents(f, SourceOptions())]
+    docs = [d for f in expand_inputs(inputs) for d in iter_documents(f, SourceOptions())]
     path = work / "corpus.parquet"
     pq.write_table(pa.table({"text": docs}), path, row_group_size=1000)
     t = Tokenizer(tok)
-    shard_mod.init_worker(str(t.path), t.eos_id, 0.01, 0)
+    init_worker(str(t.path), t.eos_id, 0.01, 0)
     n_bytes = sum(len(d.encode()) for d in docs)
     best_read = best_all = float("inf")
     n_tok = 0
@@ -108,8 +106,8 @@ def bench_parquet(inputs: list[Path], tok: Path, work: Path, repeats: int) -> di
         best_read = min(best_read, time.perf_counter() - t0)
         t0 = time.perf_counter()
         n_tok = 0
-        for batch in shard_mod._batches([path], SourceOptions(), {}):
-            res = shard_mod.tokenize_batch(batch)
+        for batch in file_batches([path], SourceOptions(), {}):
+            res = tokenize_batch(batch)
             n_tok += len(res.train) + len(res.val)
         best_all = min(best_all, time.perf_counter() - t0)
     return {

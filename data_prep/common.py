@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mythos.io import atomic_write_bytes  # noqa: F401  (re-exported: data_prep's writers use it)
+# re-exported: the data_prep tools write and hash through these (defined in the library, which
+# writes shards and task cards the same way)
+from mythos.io import (  # noqa: F401
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    sha256_bytes,
+    sha256_file,
+)
 
 #: Suffixes we know how to read (see :mod:`data_prep.sources`); anything else in a directory is
 #: skipped (so a corpus directory may hold READMEs, licences, checksums, ...).
@@ -27,32 +33,9 @@ TEXT_SUFFIXES = (
     ".parquet",
 )
 
-_HASH_CHUNK = 1 << 20
-
 
 class DataPrepError(Exception):
     """A user-facing failure. ``str(exc)`` is one line naming the file/key/shard and what to do."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    """Stable JSON text (sorted keys, fixed separators): hashes of it are reproducible."""
-    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, canonical_json(obj).encode())
 
 
 def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:

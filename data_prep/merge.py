@@ -30,10 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.common import DataPrepError, atomic_write_json, run_cli, sha256_file
+from data_prep.common import DataPrepError, run_cli, sha256_file
+from data_prep.output import PARTIAL_VERSION, finish_build, split_summary
 from data_prep.partition import PARTITIONS_DIR
-from data_prep.shard import BUILD_MARKER, PARTIAL_VERSION, split_summary
-from mythos.data.format import MANIFEST_NAME, SPLITS, data_hash
+from mythos.data.format import SPLITS
+from mythos.data.shard_writer import write_manifest
 
 #: Manifest fields every partition must agree on (besides the build key).
 HEADER_KEYS = ("format_version", "seq_len", "tokens_per_sample", "dtype", "sample_format", "tokenizer", "versions")
@@ -219,9 +220,8 @@ def merge_partitions(out_dir: str | Path, verify: str = "full") -> dict[str, Any
             ],
         },
     }
-    manifest["data_hash"] = data_hash(manifest)
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    (out / BUILD_MARKER).unlink(missing_ok=True)
+    write_manifest(out, manifest)
+    finish_build(out)
     print(
         f"{out}: merged {n} partitions: {len(shards)} shards, train {splits['train']['samples']} samples, "
         f"val {splits['val']['samples']} samples, data {manifest['data_hash'][:12]}",

@@ -18,8 +18,8 @@ Matching protocols (``--match``), each stated in every output:
 FLOPs per token come from :mod:`mythos.accounting` (structural matmul count + attention scores).
 Two numbers per run, and the choice is explicit:
 
-- **model FLOPs** (used for matching and MFU, DESIGN.md section 3): the RDT at its *expected*
-  loop count ``E[T]`` forward and ``E[min(T, bwd_depth)]`` backward;
+- **model FLOPs** (used for matching and MFU; docs/design.md, "FLOPs accounting"): the RDT at
+  its *expected* loop count ``E[T]`` forward and ``E[min(T, bwd_depth)]`` backward;
 - **executed (hardware) FLOPs**: the core iterations the RDT actually runs per sequence
   (:func:`mythos.accounting.executed_loops`: ``E[T]`` with ``loops.execution=active``, the
   default, which computes only the sequences still looping; the *global-batch maximum* T with

@@ -6,7 +6,8 @@
 
 Also runs under ``torchrun`` and as one SLURM ``srun`` task per device (launch/slurm/), since all
 of them provide RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Bad configs fail with
-one line (exit 2) before any process group starts.
+one line (exit 2) before any process group starts. Any later error in a rank ends it at once with
+one `error:` line and exit 1, which ends the job (docs/slurm.md, "When one rank fails").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -46,12 +48,42 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        return fail(exc)
     try:
-        trainer.fit()
+        trainer.fit()  # its `finally` stops the DataLoader workers on every exit path
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except Exception as exc:
+        return fail(exc)
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line. An exception raised in a DataLoader worker arrives re-raised
+    with the worker's whole traceback as its message; its last line holds the original message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if len(lines) > 1 and "Original Traceback" in lines[1] else (lines[0] if lines else "")
+    qualified = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return f"{type(exc).__name__}: {text.removeprefix(qualified)}"
+
+
+def fail(exc: Exception) -> int:
+    """End this rank now, with exit 1 and one ``error:`` line. Expected failures (bad data, a
+    config discovered mid-run) print only that line; anything else gets its traceback first.
+
+    Exiting promptly is what ends the job: the other ranks' next collective fails at once
+    ("Connection closed by peer") instead of waiting for ``train.dist_timeout_s``, and the launcher
+    (``deepspeed``: on any non-zero exit; SLURM: ``srun --kill-on-bad-exit``) kills what is left."""
+    if not isinstance(exc, ConfigError):
+        traceback.print_exception(exc)
+    print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+    from mythos import dist
+
+    # force the exit only when this file is the process (not when a test imports main())
+    dist.shutdown(1, grace_s=15.0 if __name__ == "__main__" else None)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Parameter and FLOPs accounting for the dense baseline and the RDT (DESIGN.md section 3).
+"""Parameter and FLOPs accounting for the dense baseline and the RDT (docs/design.md, "FLOPs accounting").
+
+Over 450 lines: this docstring is the written contract of the FLOPs conventions (MFU, matched
+compute and the planner depend on it), and the CLI table stays next to what it prints (a
+separate CLI module would have to be imported back for ``python -m mythos.accounting``).
 
 Parameters are counted exactly by instantiating the model on the meta device (no memory, no
 init), so the numbers can never drift from the code. FLOPs are counted *structurally* from the
@@ -444,7 +448,7 @@ def _table(cfgs: Sequence[ModelConfig], seq_len: int, global_batches: Sequence[i
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mythos.accounting",
-        description="Parameter counts and training FLOPs per token of model configs (DESIGN.md s.3).",
+        description="Parameter counts and training FLOPs per token of configs (docs/design.md, 'FLOPs accounting').",
     )
     parser.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                         help="model YAMLs or preset names; key=value overrides apply to all of them")

@@ -7,8 +7,11 @@ Everything here is a no-op in a single process without a process group, so libra
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +83,27 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def shutdown(exit_code: int = 1, grace_s: float | None = 15.0) -> None:
+    """Error exit of a rank: destroy the process group, so that peers blocked in a collective fail
+    now ("Connection closed by peer") rather than after the timeout, and guarantee that this
+    process exits ``exit_code`` within ``grace_s`` even if teardown or interpreter shutdown hangs
+    (a destroy that waits on a stuck peer, a child process that never joins). ``grace_s=None``
+    arms no forced exit (a caller that is not the whole process, e.g. a test)."""
+
+    def force_exit() -> None:  # a last resort: that it fired is itself a bug to look into
+        print(f"warning: rank {env_info().rank} still running {grace_s:.0f}s after its error; forcing exit",
+              file=sys.stderr, flush=True)
+        os._exit(exit_code)
+
+    if grace_s is not None:
+        watchdog = threading.Timer(grace_s, force_exit)
+        watchdog.daemon = True  # keeps running through interpreter shutdown; never delays a quick exit
+        watchdog.start()
+    if initialized():
+        with contextlib.suppress(Exception):  # best effort on a path that is already failing
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -37,7 +37,7 @@ def test_preset_param_counts(preset: str, expected_m: float) -> None:
 
 
 def test_value_embedding_share_matches_design() -> None:
-    # DESIGN.md: 377.5M of rdt-770m and 604.0M of dense-1.3b are value-embedding tables
+    # docs/design.md, "Models" (presets): 377.5M of rdt-770m and 604.0M of dense-1.3b are value-embedding tables
     assert count_params(load_model_config("rdt-770m")).parts["value_embeds"] / 1e6 == pytest.approx(377.5, abs=0.1)
     assert count_params(load_model_config("dense-1.3b")).parts["value_embeds"] / 1e6 == pytest.approx(604.0, abs=0.1)
 
@@ -67,7 +67,7 @@ def test_count_params_equals_real_model(preset: str, overrides: list[str]) -> No
 
 
 def test_design_reference_numbers() -> None:
-    """DESIGN.md s.3: ~5.4 GFLOP/token for rdt-770m (mu=8, k=4) vs ~4.4 for dense-1.3b, attention
+    """docs/design.md, "FLOPs accounting": ~5.4 GFLOP/token for rdt-770m (mu=8, k=4) vs ~4.4 for dense-1.3b, attention
     excluded."""
     rdt = flops_per_token(load_model_config("rdt-770m"), 2048)
     dense = flops_per_token(load_model_config("dense-1.3b"), 2048)

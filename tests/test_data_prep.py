@@ -15,9 +15,9 @@ import pytest
 from data_prep import shard, train_tokenizer
 from data_prep.common import run_cli, sha256_file
 from data_prep.demo_corpus import SmallCorpus, write_text_slice
-from data_prep.shard import is_val_document
 from data_prep.sources import SourceOptions, iter_documents
-from mythos.data import PackedSamples, Tokenizer, load_manifest
+from data_prep.tokenize_workers import is_val_document
+from mythos.data import PackedSamples, Tokenizer, load_manifest, shard_writer
 
 #: provides the session-scoped ``data_corpus`` fixture (tests/data_fixtures.py)
 pytest_plugins = ["data_fixtures"]
@@ -179,7 +179,7 @@ def test_rerun_skips_and_interrupted_run_resumes(data_corpus, small_text, tmp_pa
 
     # Interrupt after two shards: complete shards under final names, no manifest, no temp files.
     shutil.rmtree(out)
-    real_write, calls = shard.atomic_write_bytes, []
+    real_write, calls = shard_writer.atomic_write_bytes, []
 
     def flaky(path, data):
         if Path(path).suffix == ".tar" and len(calls) == 2:
@@ -187,12 +187,12 @@ def test_rerun_skips_and_interrupted_run_resumes(data_corpus, small_text, tmp_pa
         calls.append(path)
         real_write(path, data)
 
-    monkeypatch.setattr(shard, "atomic_write_bytes", flaky)
+    monkeypatch.setattr(shard_writer, "atomic_write_bytes", flaky)
     rc, err = cli(capsys, shard, *args)
     assert rc == 130 and "re-run" in err
     assert_nothing_half_written(out)
     assert len(list(out.glob("*.tar"))) == 2
-    monkeypatch.setattr(shard, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(shard_writer, "atomic_write_bytes", real_write)
     rc, err = cli(capsys, shard, *args)
     assert rc == 0 and "2 already complete" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == reference

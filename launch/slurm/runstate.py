@@ -45,7 +45,8 @@ class ResolvedRun:
 def resolve(config: str, overrides: list[str], world_size: int) -> ResolvedRun:
     """Load the run config with overrides and run every check the trainer runs before starting
     a process group, for ``world_size`` ranks. Raises ``ConfigError`` (one line) on any problem."""
-    from mythos.train.config import check_run, load_run_config
+    from mythos.train.checks import check_run
+    from mythos.train.config import load_run_config
 
     path = resolve_config_path(config, kind="run")
     try:

@@ -7,7 +7,6 @@ missing, truncated or corrupt shard fails here, naming it, instead of mid-run.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,7 @@ import numpy as np
 
 from mythos.data.format import DataFormatError, Manifest, ShardInfo
 from mythos.data.tarindex import ShardReader, load_index
-
-_HASH_CHUNK = 1 << 20
+from mythos.io import sha256_file
 
 
 def verify_shard(path: Path, info: ShardInfo, mode: str) -> None:
@@ -31,13 +29,8 @@ def verify_shard(path: Path, info: ShardInfo, mode: str) -> None:
         raise DataFormatError(
             f"shard {path} is {size} bytes, manifest says {info.bytes} (truncated or replaced; {hint})"
         )
-    if mode == "full":
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
-        if h.hexdigest() != info.sha256:
-            raise DataFormatError(f"shard {path} is corrupt: sha256 differs from the manifest ({hint})")
+    if mode == "full" and sha256_file(path) != info.sha256:
+        raise DataFormatError(f"shard {path} is corrupt: sha256 differs from the manifest ({hint})")
 
 
 class ConcatenatedSamples:

@@ -1,4 +1,5 @@
-"""The on-disk contract between ``data_prep.shard`` (writer) and :mod:`mythos.data` (reader).
+"""The on-disk contract between the writer (:mod:`mythos.data.shard_writer`, used by
+``data_prep.shard`` and :mod:`mythos.tasks`) and the reader (:mod:`mythos.data`).
 
 A shard directory holds::
 
@@ -16,7 +17,7 @@ true``): each member is a 2-D ``[2, seq_len + 1]`` array, row 0 the token ids an
 mask; token ``x[j]`` is a training target iff ``mask[j] == 1`` (the loader turns the others into
 ``IGNORE_INDEX`` labels). Packed LM shards never carry the key, so their hash is unchanged.
 
-This module has no torch import: the writer uses it too.
+This module has no torch import: the writer (and through it ``data_prep``) uses it too.
 """
 
 from __future__ import annotations
@@ -67,10 +68,6 @@ def encode_npy(tokens: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(tokens), allow_pickle=False)
     return buf.getvalue()
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
 
 
 @dataclasses.dataclass(frozen=True)

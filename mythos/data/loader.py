@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -36,9 +36,8 @@ from mythos.data.dataset import PackedSamples
 from mythos.data.format import Manifest
 from mythos.data.mixture import ResolvedData, resolve_data
 from mythos.data.order import GlobalOrder, Position, check_batch_geometry, rank_slice
+from mythos.model.loss import IGNORE_INDEX  # the loss's ignore label: one definition
 
-#: Label value ignored by the loss (``torch.nn.functional.cross_entropy`` default).
-IGNORE_INDEX = -100
 STATE_VERSION = 1
 
 Batch = dict[str, torch.Tensor]
@@ -57,21 +56,33 @@ def to_batch(tokens: np.ndarray) -> Batch:
     return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
 
 
-class _MicroBatches(Dataset):
-    """Micro-batch ``(epoch, offset, k)`` of this rank -> batch. Runs in DataLoader workers; the
-    key alone determines the result, so which worker computes it does not matter."""
+#: ``layout(step) -> positions [B]``: the order in which a step's global positions are handed
+#: out (rank-major, then micro-batch); None keeps position order. See mythos.train.loop_layout.
+Layout = Callable[[int], np.ndarray]
 
-    def __init__(self, samples: PackedSamples, order: GlobalOrder, rank: int, world_size: int, micro: int):
+
+class _MicroBatches(Dataset):
+    """Micro-batch ``(epoch, offset, k, step)`` of this rank -> batch. Runs in DataLoader workers;
+    the key alone determines the result, so which worker computes it does not matter."""
+
+    def __init__(self, samples: PackedSamples, order: GlobalOrder, rank: int, world_size: int, micro: int,
+                 layout: Layout | None):
         self.samples, self.order = samples, order
         self.rank, self.world_size, self.micro = rank, world_size, micro
+        self.layout = layout
 
     def __len__(self) -> int:  # the stream is unbounded; the sampler drives it
         return 1 << 62
 
-    def __getitem__(self, key: tuple[int, int, int]) -> Batch:
-        epoch, offset, k = key
-        mine = rank_slice(self.order.global_batch(Position(epoch, offset)), self.rank, self.world_size)
-        return to_batch(self.samples.get_many(mine[k * self.micro : (k + 1) * self.micro]))
+    def __getitem__(self, key: tuple[int, int, int, int]) -> Batch:
+        epoch, offset, k, step = key
+        batch_ids = self.order.global_batch(Position(epoch, offset))
+        positions = np.arange(len(batch_ids)) if self.layout is None else self.layout(step)
+        mine = rank_slice(positions, self.rank, self.world_size)[k * self.micro : (k + 1) * self.micro]
+        out = to_batch(self.samples.get_many(batch_ids[mine]))
+        out["positions"] = torch.from_numpy(mine.astype(np.int64))
+        out["sample_ids"] = torch.from_numpy(batch_ids[mine].astype(np.int64))
+        return out
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -83,29 +94,53 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def stop_workers(it: Iterator[Any], join_timeout_s: float = 5.0) -> None:
+    """Shut the worker processes of a DataLoader iterator down now, deterministically.
+
+    Left to garbage collection, a failed run hangs at exit: the exception's traceback keeps the
+    iterator alive past interpreter shutdown, where ``multiprocessing`` SIGTERMs its daemonic
+    children and joins them without a timeout -- but our workers ignore SIGTERM
+    (:func:`_ignore_stop_signals`), so that join never returns. Torch's own shutdown (done event,
+    then a join with a timeout, then SIGTERM) is tried first; a worker still alive after it gets
+    SIGKILL, the one signal it cannot ignore. No-op for the in-process stream (``num_workers=0``)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    workers = list(getattr(it, "_workers", ()))
+    try:
+        shutdown()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=join_timeout_s)
+
+
 class _StepKeys(Sampler):
-    """Yields micro-batch keys from ``start`` on, forever, step after step, in order."""
+    """Yields micro-batch keys from ``start`` (at step ``step``) on, forever, step after step."""
 
-    def __init__(self, order: GlobalOrder, start: Position, accum: int):
-        self.order, self.start, self.accum = order, start, accum
+    def __init__(self, order: GlobalOrder, start: Position, accum: int, step: int):
+        self.order, self.start, self.accum, self.step = order, start, accum, step
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        pos = self.order.normalize(self.start)
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        pos, step = self.order.normalize(self.start), self.step
         while True:
             for k in range(self.accum):
-                yield (pos.epoch, pos.offset, k)
-            pos = self.order.advance(pos)
+                yield (pos.epoch, pos.offset, k, step)
+            pos, step = self.order.advance(pos), step + 1
 
 
 class TrainLoader:
     """Micro-batches of one rank, step by step. See the module docstring for the guarantees."""
 
     def __init__(
-        self, cfg: DataConfig, global_batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+        self, cfg: DataConfig, global_batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+        layout: Layout | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} out of range for world size {world_size}")
         self.cfg = cfg
+        self.layout = layout
         self.rank, self.world_size = rank, world_size
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.grad_accum_steps = check_batch_geometry(global_batch_size, micro_batch_size, world_size)
@@ -150,8 +185,9 @@ class TrainLoader:
 
     # ---- iteration ---------------------------------------------------------------------------
     def _stream(self) -> Iterator[Batch]:
-        dataset = _MicroBatches(self.samples, self.order, self.rank, self.world_size, self.micro_batch_size)
-        keys = _StepKeys(self.order, self._pos, self.grad_accum_steps)
+        dataset = _MicroBatches(self.samples, self.order, self.rank, self.world_size, self.micro_batch_size,
+                                self.layout)
+        keys = _StepKeys(self.order, self._pos, self.grad_accum_steps, self._steps)
         if self.cfg.num_workers == 0:
             return (dataset[k] for k in keys)
         loader = DataLoader(
@@ -171,7 +207,9 @@ class TrainLoader:
 
     def next_step(self) -> list[Batch]:
         """The ``grad_accum_steps`` micro-batches of this rank for the next optimizer step; each is
-        ``{"input_ids": LongTensor [m, L], "labels": LongTensor [m, L]}``."""
+        ``{"input_ids": LongTensor [m, L], "labels": LongTensor [m, L], "positions": LongTensor [m],
+        "sample_ids": LongTensor [m]}`` (positions in the step's global batch; sample indices in
+        the training set, which identify what was consumed)."""
         if self._it is None:
             self._it = self._stream()
         micro = [next(self._it) for _ in range(self.grad_accum_steps)]
@@ -273,7 +311,11 @@ class TrainLoader:
         return h.hexdigest()
 
     def close(self) -> None:
-        self._it = None
+        """Stop the DataLoader workers now (on every exit path of the trainer, errors included) and
+        close the shards. Idempotent."""
+        it, self._it = self._it, None
+        if it is not None:
+            stop_workers(it)
         self.samples.close()
 
 
@@ -322,11 +364,13 @@ class ValLoader:
 
 
 def build_train_loader(
-    cfg: DataConfig, global_batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    cfg: DataConfig, global_batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+    layout: Layout | None = None,
 ) -> TrainLoader:
     """Train loader of ``rank`` (of ``world_size``): ``global_batch_size`` samples per step,
-    delivered as ``global_batch_size / (world_size * micro_batch_size)`` micro-batches."""
-    return TrainLoader(cfg, global_batch_size, micro_batch_size, rank, world_size)
+    delivered as ``global_batch_size / (world_size * micro_batch_size)`` micro-batches; ``layout``
+    chooses which rank and micro-batch gets each position of a step (default: position order)."""
+    return TrainLoader(cfg, global_batch_size, micro_batch_size, rank, world_size, layout)
 
 
 def build_val_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1) -> ValLoader:

@@ -3,6 +3,10 @@
 Pre-norm decoder block = RMSNorm -> causal attention (RoPE, MHA/GQA, optional QK-norm and value
 embeddings) -> residual, RMSNorm -> MLP (SwiGLU or ReLU^2, or an MoE) -> residual.
 
+The FFNs live in :mod:`mythos.model.mlp` and :mod:`mythos.model.moe`, and the LoRA-capable
+projection both they and attention use in :mod:`mythos.model.linear`, so imports run one way:
+``linear -> mlp -> moe -> layers``.
+
 Conventions: activations are ``[batch, seq, d_model]``; per-head tensors ``[batch, heads, seq,
 head_dim]``. RoPE uses the "rotate half" layout of Hugging Face Llama so dense weights export
 one-to-one.
@@ -10,7 +14,6 @@ one-to-one.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mythos.model.config import ModelConfig
+from mythos.model.linear import LoopLinear
+from mythos.model.mlp import MLP
+from mythos.model.moe import MoE
 
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -64,39 +70,6 @@ class RMSNorm(nn.Module):
         if x.device.type == "cpu" and x.dtype in _EXACT_DTYPES and torch.is_grad_enabled():
             return _RMSNormFn.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class LoopLinear(nn.Linear):
-    """``nn.Linear`` (no bias) with optional depth-wise LoRA: one rank-r adapter per loop index.
-
-    ``forward(x, loop_idx)``: ``loop_idx`` is None (no adapter), an int (same iteration for the
-    whole batch) or a LongTensor ``[batch]`` (per-sequence iteration, as when sequences run
-    different loop counts). Indices past ``n_iters - 1`` reuse the last adapter, so inference can
-    run more loops than training. ``lora_B`` starts at zero: at init every iteration computes the
-    same function, and training makes them distinct.
-    """
-
-    def __init__(self, d_in: int, d_out: int, lora_rank: int = 0, lora_iters: int = 0, alpha: float = 16.0):
-        super().__init__(d_in, d_out, bias=False)
-        self.lora_rank = lora_rank
-        if lora_rank:
-            self.lora_A = nn.Parameter(torch.empty(lora_iters, lora_rank, d_in))
-            self.lora_B = nn.Parameter(torch.zeros(lora_iters, d_out, lora_rank))
-            self.lora_scale = alpha / lora_rank
-            nn.init.normal_(self.lora_A, std=1.0 / math.sqrt(d_in))
-
-    def forward(self, x: Tensor, loop_idx: int | Tensor | None = None) -> Tensor:  # type: ignore[override]
-        y = F.linear(x, self.weight)
-        if not self.lora_rank or loop_idx is None:
-            return y
-        last = self.lora_A.shape[0] - 1
-        if isinstance(loop_idx, int):
-            i = min(loop_idx, last)
-            return y + F.linear(F.linear(x, self.lora_A[i]), self.lora_B[i]) * self.lora_scale
-        idx = loop_idx.clamp(max=last)
-        a, b = self.lora_A[idx], self.lora_B[idx]  # [B, r, in], [B, out, r]
-        low = torch.einsum("bsi,bri->bsr", x, a)
-        return y + torch.einsum("bsr,bor->bso", low, b) * self.lora_scale
 
 
 class RotaryEmbedding(nn.Module):
@@ -232,25 +205,6 @@ class Attention(nn.Module):
         return self.o_proj(y, loop_idx)
 
 
-class MLP(nn.Module):
-    """``swiglu``: down(silu(gate x) * up x); ``relu2``: down(relu(up x)^2)."""
-
-    def __init__(self, d: int, hidden: int, kind: str, lora: tuple[int, int, float] = (0, 0, 16.0)) -> None:
-        super().__init__()
-        self.kind = kind
-        if kind == "swiglu":
-            self.gate_proj = LoopLinear(d, hidden, *lora)
-        self.up_proj = LoopLinear(d, hidden, *lora)
-        self.down_proj = LoopLinear(hidden, d, *lora)
-
-    def forward(self, x: Tensor, loop_idx: int | Tensor | None = None) -> Tensor:
-        if self.kind == "swiglu":
-            h = F.silu(self.gate_proj(x, loop_idx)) * self.up_proj(x, loop_idx)
-        else:
-            h = F.relu(self.up_proj(x, loop_idx)).square()
-        return self.down_proj(h, loop_idx)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block. ``forward`` returns ``(x, aux_loss)``; ``aux_loss`` is the MoE
     load-balancing loss of this block (None without MoE), returned rather than stashed so it stays
@@ -264,8 +218,6 @@ class Block(nn.Module):
         self.attn = Attention(cfg, lora_rank)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if in_core and cfg.moe.enabled:
-            from mythos.model.moe import MoE
-
             self.mlp: nn.Module = MoE(cfg)
         else:
             self.mlp = MLP(cfg.d_model, cfg.ffn_hidden, cfg.mlp, lora)

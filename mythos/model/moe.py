@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mythos.model.config import ModelConfig
-from mythos.model.layers import MLP
+from mythos.model.mlp import MLP
 
 
 class MoE(nn.Module):

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.common import DataPrepError, atomic_write_bytes, atomic_write_json
-from data_prep.example_shards import write_example_shards
 from mythos.config import ConfigError, from_dict, load_config, to_dict
+from mythos.data.shard_writer import write_example_shards
+from mythos.io import atomic_write_bytes, atomic_write_json
 from mythos.tasks.generators import TaskConfig, generate
 
 TASK_FILE = "task.json"
@@ -40,13 +40,24 @@ def build_task(cfg: TaskConfig, out_dir: str | Path) -> dict[str, Any]:
     test_rows = [ex.sample(data.vocab) for ex in data.splits["test"]]
     max_len = max(len(t) for t, _ in [*rows["train"], *rows["val"], *test_rows])
     manifest = write_example_shards(
-        out / "shards", tok_dir, rows, extra={"kind": cfg.kind, "config": to_dict(cfg)},
+        out / "shards",
+        tok_dir,
+        rows,
+        extra={"kind": cfg.kind, "config": to_dict(cfg)},
     )
     lines = []
     for ex in data.splits["test"]:
         prompt, answer = ex.ids(data.vocab)
-        lines.append(json.dumps({"hops": ex.hops, "prompt_ids": prompt, "answer_ids": answer,
-                                 "text": " ".join((*ex.prompt, *ex.answer))}))
+        lines.append(
+            json.dumps(
+                {
+                    "hops": ex.hops,
+                    "prompt_ids": prompt,
+                    "answer_ids": answer,
+                    "text": " ".join((*ex.prompt, *ex.answer)),
+                }
+            )
+        )
     atomic_write_bytes(out / TEST_FILE, ("\n".join(lines) + "\n").encode())
     card = {
         "task": cfg.kind,
@@ -96,9 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = from_dict(TaskConfig, apply_overrides({}, a.overrides))
         card = build_task(cfg, a.out)
-    except (ConfigError, DataPrepError, ValueError) as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{a.out}: {card['task']} task, vocab {card['vocab_size']}, seq_len {card['seq_len']}, "
-          f"splits {card['splits']}, data {card['data_hash'][:12]}")
+    print(
+        f"{a.out}: {card['task']} task, vocab {card['vocab_size']}, seq_len {card['seq_len']}, "
+        f"splits {card['splits']}, data {card['data_hash'][:12]}"
+    )
     return 0

@@ -4,7 +4,10 @@ Layout under ``RUN_DIR/checkpoints/``::
 
     step0000200/                 DeepSpeed tag dir (model, optimizer, ZeRO shards, client state)
         rng_rank{r}.pt           each rank's python/numpy/torch(/cuda) RNG state
-        COMPLETE                 written by rank 0 after a barrier that follows every rank's save
+        COMPLETE                 written by rank 0 after a barrier that follows every rank's save;
+                                 JSON with the step and the world size that wrote it
+        universal/               only after a resume on another world size: the universal
+                                 conversion of this tag (mythos.train.reshard)
     latest                       DeepSpeed's pointer (NOT trusted: see below)
 
 DeepSpeed's rank 0 writes ``latest`` after its own files but *before* the other ranks finish, so
@@ -36,6 +39,7 @@ from mythos.io import atomic_torch_save, atomic_write_text
 
 TAG_RE = re.compile(r"^step(\d{7,})$")
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # TAG/universal: the tag converted for another world size (see reshard)
 
 
 def tag_for(step: int) -> str:
@@ -128,16 +132,42 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def load(engine: Any, tag_dir: Path) -> dict[str, Any]:
-    """Load engine state and this rank's RNG; returns the client state. A checkpoint saved with
-    another world size restores model/optimizer through DeepSpeed (ZeRO shards must match the
-    world size unless converted to a universal checkpoint) and gives new ranks rank 0's RNG."""
-    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+def load(engine: Any, tag_dir: Path, *, universal: bool = False, restore_rng: bool = True) -> dict[str, Any]:
+    """Load engine state and this rank's RNG; returns the client state.
+
+    ``universal``: load ``tag_dir/universal`` (the conversion :mod:`mythos.train.reshard` made for
+    another world size; the engine must run with ``checkpoint.load_universal``). ``restore_rng``:
+    restore ``rng_rank{r}.pt`` -- only meaningful on the world size that wrote the files."""
+    load_dir, tag = (tag_dir, UNIVERSAL) if universal else (tag_dir.parent, tag_dir.name)
+    groups = engine.optimizer.param_groups if universal else []
+    hparams = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in groups]
+    load_path, client = engine.load_checkpoint(str(load_dir), tag=tag)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rank = dist.env_info().rank
-    rng_file = tag_dir / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
-        rng_file = tag_dir / "rng_rank0.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+    if universal:
+        _repair_universal_zero3_load(engine, hparams)
+    rng_file = tag_dir / f"rng_rank{dist.env_info().rank}.pt"
+    if restore_rng and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
     return client or {}
+
+
+def _repair_universal_zero3_load(engine: Any, hparams: list[dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load
+    (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``), found because the continued
+    losses drifted from the uninterrupted run by 1e-3 from the first update on:
+
+    - it copies param group 0's hyperparameters into *every* group (the no-decay group gets weight
+      decay): put back this run's own, which come from its config ("step", which FusedAdam keeps
+      per group, is checkpoint state and stays as loaded);
+    - it stores ONE ``step`` tensor in the state of every sub-group; torch's AdamW increments it in
+      place, so it would advance once per sub-group and step and skew the bias correction of all
+      but the first: give each its own copy.
+
+    Both are no-ops where DeepSpeed got it right (ZeRO-1/2)."""
+    for group, saved in zip(engine.optimizer.param_groups, hparams):
+        group.update(saved)
+    inner = getattr(engine.optimizer, "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

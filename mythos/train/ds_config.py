@@ -38,8 +38,10 @@ def use_bf16(cfg: RunConfig, cuda: bool) -> bool:
     return p == "bf16" or (p == "auto" and cuda)
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> dict[str, Any]:
-    """The complete DeepSpeed config dict for ``deepspeed.initialize(config=...)``."""
+def build_ds_config(cfg: RunConfig, world_size: int, cuda: bool, load_universal: bool = False) -> dict[str, Any]:
+    """The complete DeepSpeed config dict for ``deepspeed.initialize(config=...)``.
+    ``load_universal``: the run resumes from a universal checkpoint (another world size wrote it;
+    see :mod:`mythos.train.reshard`)."""
     t, o = cfg.train, cfg.optim
     ds = load_ds_file(cfg.deepspeed.config)
     accum = t.global_batch_size // (t.micro_batch_size * world_size)
@@ -49,6 +51,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, cuda: bool) -> dict[str, An
         gradient_accumulation_steps=accum,
         gradient_clipping=o.grad_clip,
     )
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if use_bf16(cfg, cuda):
         # check_grad_overflow: skip the update when the gradient norm is non-finite (DeepSpeed
         # does this by default in fp32 and fp16, not in bf16 ZeRO-1/2).

@@ -28,11 +28,14 @@ from mythos import dist
 from mythos.config import ConfigError, dump_yaml, to_dict
 from mythos.data import IGNORE_INDEX, build_train_loader, build_val_loader
 from mythos.model import build_model
-from mythos.model.loops import sample_loop_counts
+from mythos.model.loops import executed_loops
 from mythos.train import checkpoint as ckpt
-from mythos.train.config import RunConfig, check_run
+from mythos.train import reshard
+from mythos.train.checks import check_run
+from mythos.train.config import RunConfig
 from mythos.train.ds_config import build_ds_config, use_bf16, write_ds_config
 from mythos.train.evaluate import TokenBytes, evaluate
+from mythos.train.loop_layout import LoopLayout, h0_noise
 from mythos.train.metrics import MetricsLogger, format_line
 from mythos.train.optim import lr_multiplier, muon_eligible, param_groups, set_lr
 from mythos.train.signals import StopFlag
@@ -64,22 +67,26 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         info = dist.env_info()
-        # everything that can be checked without a process group is checked first
+        # everything that can be checked without a process group is checked first; a checkpoint
+        # from another world size is checked (own message) and converted here too (see reshard)
+        self.resume_plan = reshard.plan_resume(self.ckpt_root, cfg.train.resume, info.world_size,
+                                               cfg.train.global_batch_size, cfg.train.micro_batch_size)
         self.plan = check_run(cfg, info.world_size)
+        reshard.ensure_universal(self.resume_plan, info.rank, cfg.train.dist_timeout_s)
         self.info = dist.init_distributed(cfg.train.dist_timeout_s)
         self.device = dist.device()
         self.cuda = dist.is_cuda()
         self.total_steps = self.plan["steps"]
         t = cfg.train
         self.accum = t.global_batch_size // (t.micro_batch_size * self.info.world_size)
-        self.per_rank = t.global_batch_size // self.info.world_size
 
         torch.manual_seed(t.seed)  # identical init on every rank
         self.model = build_model(cfg.model)
         self.n_params = self.model.num_params()  # before ZeRO-3 partitions the parameters
         if use_bf16(cfg, self.cuda):
             self.model = self.model.to(torch.bfloat16)
-        self.ds_config = build_ds_config(cfg, self.info.world_size, self.cuda)
+        universal = self.resume_plan is not None and self.resume_plan.universal
+        self.ds_config = build_ds_config(cfg, self.info.world_size, self.cuda, load_universal=universal)
         if t.compile:
             # per-block compile (see CausalLM.compile_blocks): the RDT's loop stays a Python loop
             # over compiled blocks, so a new sampled T never recompiles; ZeRO's module hooks stay
@@ -90,8 +97,13 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (h0 noise)
 
+        # RDT: which rank / micro-batch runs each sample, by loop count (ZeRO-3 keeps ranks in step)
+        self.layout = LoopLayout(
+            cfg.model.loops, t.seed, t.global_batch_size, t.micro_batch_size, self.info.world_size,
+            lockstep=self.zero_stage == 3,
+        ) if cfg.model.kind == "rdt" else None
         self.loader = build_train_loader(
-            cfg.data, t.global_batch_size, t.micro_batch_size, self.info.rank, self.info.world_size
+            cfg.data, t.global_batch_size, t.micro_batch_size, self.info.rank, self.info.world_size, self.layout
         )
         self.val_loader = build_val_loader(cfg.data, t.micro_batch_size, self.info.rank, self.info.world_size)
         self.fingerprint = self.loader.fingerprint()
@@ -111,6 +123,7 @@ class Trainer:
             resume_step=self.step,
         )
         self._write_run_files()
+        self._install_forward_fault()
 
     # ------------------------------------------------------------------ setup
     def _initialize(self) -> Any:
@@ -144,17 +157,18 @@ class Trainer:
 
         return float(flops_per_token(self.cfg.model, self.plan["seq_len"], model=self._meta_model).total)
 
-    def _hardware_flops_per_token(self, executed_loops: float | None) -> float:
-        """FLOPs the hardware ran per token (HFU): the RDT executes the step's max T for every
-        sequence, and activation checkpointing recomputes forwards. Cached per loop count."""
+    def _hardware_flops_per_token(self, executed: tuple[float, float] | None) -> float:
+        """FLOPs the hardware ran per token (HFU): the RDT's executed (forward, backward) core
+        iterations per sequence (see ``loop_layout.executed_loops``) plus the forwards activation
+        checkpointing recomputes. Cached per loop count."""
         from mythos.accounting import flops_per_token
 
-        key = None if executed_loops is None else round(executed_loops, 3)
+        key = None if executed is None else (round(executed[0], 3), round(executed[1], 3))
         if key not in self._hw_flops_cache:
             ckpt_on = self.cfg.model.checkpoint_layers or self.cfg.model.checkpoint_loops
             self._hw_flops_cache[key] = float(flops_per_token(
-                self.cfg.model, self.plan["seq_len"], loops_mean=executed_loops, include_recompute=ckpt_on,
-                model=self._meta_model,
+                self.cfg.model, self.plan["seq_len"], loops_mean=None if key is None else key[0],
+                bwd_loops_mean=None if key is None else key[1], include_recompute=ckpt_on, model=self._meta_model,
             ).total)
         return self._hw_flops_cache[key]
 
@@ -168,10 +182,14 @@ class Trainer:
         return peak_flops_for_device(torch.cuda.get_device_name())
 
     def _maybe_resume(self) -> str | None:
-        path = ckpt.find_resume(self.ckpt_root, self.cfg.train.resume)
-        if path is None:
+        plan = self.resume_plan  # found (and converted for a new world size) before the process group
+        if plan is None:
             return None
-        client = ckpt.load(self.engine, path)
+        path = plan.path
+        # per-rank RNG files only mean something on the world size that wrote them; nothing in
+        # training draws from the global RNG (RDT: T and h0 come from (seed, step, position))
+        client = ckpt.load(self.engine, path, universal=plan.universal,
+                           restore_rng=plan.saved_world_size == plan.world_size)
         for key, now in (("model_hash", _section_hash(self.cfg.model)), ("data_fingerprint", self.fingerprint)):
             if client.get(key) != now:
                 raise ConfigError(
@@ -216,27 +234,75 @@ class Trainer:
         }
         ckpt.atomic_write_text(self.run_dir / "run_info.json", json.dumps(run_info, indent=2) + "\n")
 
+    def _install_forward_fault(self) -> None:
+        """Test-only (``train.inject_inf_forward_steps``): at these steps rank 0's
+        first transformer block (the RDT's first core block, inside the loop) emits an inf
+        activation in training, so the NaN guard is exercised by a non-finite value that arises
+        inside the forward, as an overflow would, not by a poisoned loss."""
+        t = self.cfg.train
+        if not t.inject_inf_forward_steps or not self.info.is_main:
+            return
+        from mythos.model.layers import Block
+
+        module = self.engine.module
+        block = module.core[0] if hasattr(module, "core") else next(m for m in module.modules() if isinstance(m, Block))
+
+        def hook(mod: torch.nn.Module, args: Any, output: tuple[torch.Tensor, Any]) -> Any:
+            x, aux = output
+            if not (mod.training and self.step + 1 in t.inject_inf_forward_steps and x.numel()):
+                return None
+            x = x.clone()
+            x.view(-1)[0] = float("inf")
+            return x, aux
+
+        block.register_forward_hook(hook)
+
+    def _log_samples(self, data_state: dict[str, Any], micro: list[dict[str, torch.Tensor]]) -> None:
+        """``train.log_samples``: rank 0 appends the step's global sample ids to
+        ``RUN_DIR/samples.jsonl`` -- from the loader's world-size-independent order at the step's
+        start position (no communication), plus the ids rank 0 really received. Lines past the
+        resumed step are dropped first, as metrics.jsonl does."""
+        if not (self.cfg.train.log_samples and self.info.is_main):
+            return
+        from mythos.data.order import Position
+
+        path = self.run_dir / "samples.jsonl"
+        if not getattr(self, "_samples_log_trimmed", False):
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step] \
+                if path.exists() else []
+            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+            self._samples_log_trimmed = True
+        ids = self.loader.order.global_batch(Position(data_state["epoch"], data_state["offset"]))
+        mine = torch.cat([b["sample_ids"] for b in micro]).tolist()
+        rec = {"step": self.step + 1, "ids": sorted(int(i) for i in ids), "rank0": sorted(mine)}
+        with path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     # ------------------------------------------------------------------ phases
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: float) -> dict[str, Any]:
         """Forward/backward every micro-batch, agree on finiteness, step. Returns step stats."""
         cfg, engine = self.cfg, self.engine
-        is_rdt = cfg.model.kind == "rdt"
-        if is_rdt:
-            counts = sample_loop_counts(cfg.model.loops, cfg.train.seed, self.step, cfg.train.global_batch_size)
-            n_steps = int(counts.max())
+        layout = self.layout
+        if layout is not None:
+            counts = layout.counts(self.step)  # T of every global position: f(seed, step, position)
+            core_calls = 0
         scale = self.accum * self.info.world_size / max(global_tokens, 1.0)
         ce_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_acc: dict[str, torch.Tensor] = {}
         set_lr(engine.optimizer, self.base_lrs, lr_multiplier(self.step, self.total_steps, cfg.optim))
-        m = cfg.train.micro_batch_size
         for k, micro in enumerate(micro_batches):
             ids = micro["input_ids"].to(self.device, non_blocking=True)
             labels = micro["labels"].to(self.device, non_blocking=True)
             kwargs: dict[str, Any] = {}
-            if is_rdt:
-                start = self.info.rank * self.per_rank + k * m  # this micro-batch's global positions
-                kwargs = {"loop_counts": counts[start : start + m], "n_steps": n_steps}
+            if layout is not None:
+                mine = counts[micro["positions"]]
+                n_steps = layout.n_steps(self.step, k, mine)
+                core_calls += n_steps
+                kwargs = {"loop_counts": mine, "n_steps": n_steps}
+                if cfg.model.h0 == "noise":  # like T, a function of (seed, step, global position)
+                    kwargs["h0"] = h0_noise(cfg.model.h0_std, cfg.train.seed, self.step, micro["positions"],
+                                            (ids.shape[1], cfg.model.d_model), self.device)
             out = engine(ids, labels=labels, **kwargs)
             loss = out.ce_sum * scale
             if out.aux_loss is not None:
@@ -264,13 +330,16 @@ class Trainer:
         gn = engine.get_global_grad_norm()
         if gn is not None and not stats["skipped"]:
             stats["grad_norm"] = float(gn)
-        if is_rdt:
+        if layout is not None:
             stats["rdt/loops_mean"] = float(counts.float().mean())
-            stats["rdt/loops_max"] = float(n_steps)
+            stats["rdt/loops_max"] = float(counts.max())
+            # what the hardware ran, for HFU: (forward, backward) iterations per sequence
+            stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"] = executed_loops(cfg.model.loops, counts)
+            stats["rdt/core_calls"] = float(core_calls)  # per rank and step (incl. zero-row lockstep calls)
         for name, v in aux_acc.items():
             if name == "act_halt_hist":
                 stats["hist/act_halt_steps"] = v.cpu()
-            elif name not in ("loops_mean", "loops_run"):
+            elif name not in ("loops_mean", "loops_run", "loops_executed"):
                 stats[f"rdt/{name}"] = float(v)
         return stats
 
@@ -336,7 +405,7 @@ class Trainer:
         start_step, t0 = self.step, time.perf_counter()
         window: list[float] = []
         data_wait: list[float] = []
-        loops_run: list[float] = []
+        loops_run: list[tuple[float, float]] = []
         consecutive_bad = 0
         if self.resumed_from:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
@@ -350,6 +419,7 @@ class Trainer:
                 step_t0 = time.perf_counter()
                 data_state = self.loader.state_dict()
                 micro = self.loader.next_step()
+                self._log_samples(data_state, micro)  # train.log_samples: audit/test record
                 data_wait.append(time.perf_counter() - step_t0)
                 local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
                 head = dist.all_reduce_sum(
@@ -367,8 +437,8 @@ class Trainer:
                 self.tokens_seen += tokens_per_step
                 self.flops_seen += self.flops_per_token * tokens_per_step
                 window.append(time.perf_counter() - step_t0)
-                if "rdt/loops_max" in stats:
-                    loops_run.append(stats["rdt/loops_max"])
+                if "rdt/loops_executed" in stats:
+                    loops_run.append((stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"]))
                 if stats["bad"]:
                     self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
                 if self.step % t.log_interval == 0 or self.step == self.total_steps or stats["bad"]:
@@ -391,7 +461,7 @@ class Trainer:
             self.loader.close()
 
     def log_metrics(self, stats: dict[str, Any], window: list[float], data_wait: list[float],
-                    loops_run: list[float], start_step: int, t0: float) -> None:
+                    loops_run: list[tuple[float, float]], start_step: int, t0: float) -> None:
         tokens_per_step = self.cfg.train.global_batch_size * self.plan["seq_len"]
         step_time = float(np.mean(window))
         tok_s = tokens_per_step / step_time
@@ -411,7 +481,8 @@ class Trainer:
         }
         if "grad_norm" in stats:
             m["train/grad_norm"] = stats["grad_norm"]
-        hw_flops = self._hardware_flops_per_token(float(np.mean(loops_run)) if loops_run else None)
+        executed = tuple(np.mean(loops_run, axis=0).tolist()) if loops_run else None
+        hw_flops = self._hardware_flops_per_token(executed)  # type: ignore[arg-type]
         m["perf/model_tflops_per_device"] = self.flops_per_token * tok_s / self.info.world_size / 1e12
         m["perf/hardware_tflops_per_device"] = hw_flops * tok_s / self.info.world_size / 1e12
         if self.peak_flops:  # MFU counts model FLOPs; HFU what ran (max-T loops, recompute)
