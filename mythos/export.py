@@ -7,9 +7,19 @@
   for a Llama-style dense model, without importing ``transformers``. Our RoPE uses the same
   rotate-half layout as HF Llama (``cat(-x2, x1)`` with ``cos = cat(f, f)``), so q/k projection
   weights map one-to-one with no head permutation.
-- CLI: ``python -m mythos.export --checkpoint RUN_DIR/checkpoints/TAG --out DIR [--hf-llama]``
-  consolidates a DeepSpeed checkpoint (ZeRO 1-3 shards via ``zero_to_fp32``; without ZeRO shards
-  the module weights in ``mp_rank_00_model_states.pt``) and writes one of the two layouts.
+  With a ``tokenizer`` (always, from the CLI) the directory is Hub-complete: also the tokenizer
+  (:mod:`mythos.hf_tokenizer`: encodes exactly like our sentencepiece model) and
+  ``generation_config.json``, so ``AutoTokenizer``, ``lm_eval --model hf`` and serving stacks load
+  it as it is.
+- CLI: ``python -m mythos.export --checkpoint RUN_DIR/checkpoints/TAG --out DIR [--hf-llama]
+  [--tokenizer PATH]`` consolidates a DeepSpeed checkpoint (ZeRO 1-3 shards via ``zero_to_fp32``;
+  without ZeRO shards the module weights in ``mp_rank_00_model_states.pt``) and writes one of the
+  two layouts. ``--hf-llama`` takes the tokenizer the run's shards were built with (found and
+  sha256-checked via ``data.shards``'s manifest) unless ``--tokenizer`` names one.
+
+DeepSpeed's checkpoint files are pickles: they are read through :mod:`mythos.ds_checkpoint`
+(``weights_only`` loads with a small allow-list; ``--trust-checkpoint`` turns that off -- load only
+checkpoints you trust).
 
 Files are written to a temporary name in the target directory and ``os.replace``-d into place
 (atomic per file); the weights go first and the config last, so a directory with a config is
@@ -28,7 +38,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mythos.config import ConfigError, dump_yaml, from_dict, load_config, load_yaml
+from mythos.config import REPO_ROOT, ConfigError, dump_yaml, from_dict, load_config, load_yaml
+from mythos.data.tokenizer import Tokenizer
+from mythos.ds_checkpoint import (  # noqa: F401 - re-exported: the export API users know
+    DS_SAFE_GLOBALS,
+    UntrustedCheckpointError,
+    check_pickles,
+    clean_state_dict,
+    consolidate_deepspeed,
+)
+from mythos.hf_tokenizer import token_ids, tokenizer_json, write_hf_tokenizer
 from mythos.io import atomic_write
 from mythos.model.base import CausalLM
 from mythos.model.build import build_model
@@ -37,7 +56,7 @@ from mythos.model.config import ModelConfig
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_YAML = "config.yaml"
 HF_CONFIG_NAME = "config.json"
-_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed/DDP wrapper, torch.compile
+HF_GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,20 +76,6 @@ def _save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype)
         shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
         out[name] = t.clone() if shared or not t.is_contiguous() else t
     atomic_write(path, lambda p: save_file(out, str(p), metadata={"format": "pt"}))
-
-
-def clean_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Strip wrapper prefixes (``module.``, ``_orig_mod.``) from every key."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,12 +130,15 @@ def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
     return bad
 
 
-def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                    token_ids: Mapping[str, int] | None = None) -> dict:
     """``config.json`` contents. RoPE theta is written both as transformers 5's
     ``rope_parameters`` and as the legacy ``rope_theta`` (4.x), and the dtype as ``dtype`` (5.x)
-    and ``torch_dtype`` (4.x), so either version reads the same model."""
+    and ``torch_dtype`` (4.x), so either version reads the same model. ``token_ids``
+    (``bos/eos/pad_token_id``, see :func:`mythos.hf_tokenizer.token_ids`) are added when given."""
     dtype_name = str(dtype).removeprefix("torch.")
     return {
+        **(token_ids or {}),
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -186,14 +194,32 @@ def hf_llama_state_dict(state_dict: Mapping[str, Tensor], cfg: ModelConfig) -> d
     return out
 
 
+def check_hf_tokenizer(tok: Tokenizer, cfg: ModelConfig) -> None:
+    """``ValueError`` (one line) unless ``tok`` fits the model and can be written exactly."""
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size "
+                         f"is {cfg.vocab_size} (is it the run's tokenizer?)")
+    tokenizer_json(tok)
+
+
+def hf_generation_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
+    """``generation_config.json``: the tokenizer's ids (BOS = EOS, see :mod:`mythos.hf_tokenizer`)
+    and the trained context length as ``max_length``."""
+    return {**token_ids(tok), "max_length": cfg.max_seq_len}
+
+
 def to_hf_llama(model: CausalLM | None, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-                cfg: ModelConfig | None = None, state_dict: Mapping[str, Tensor] | None = None) -> Path:
+                cfg: ModelConfig | None = None, state_dict: Mapping[str, Tensor] | None = None,
+                tokenizer: Tokenizer | str | Path | None = None) -> Path:
     """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` directory (``config.json`` +
-    ``model.safetensors`` in ``dtype``); returns ``out_dir``.
+    ``model.safetensors`` in ``dtype``); returns ``out_dir``. With ``tokenizer`` (a
+    :class:`Tokenizer` or its ``tokenizer.model`` path) also the tokenizer files and
+    ``generation_config.json``, and the token ids in ``config.json``.
 
     Raises ``ValueError`` (one line, naming the offending options) unless the model is a
-    Llama-style dense model. ``cfg``/``state_dict`` default to the model's own (pass them to
-    export consolidated weights without a live model: ``model`` may then be None).
+    Llama-style dense model and the tokenizer can be written exactly. ``cfg``/``state_dict``
+    default to the model's own (pass them to export consolidated weights without a live model:
+    ``model`` may then be None).
     """
     cfg = cfg if cfg is not None else model.cfg
     bad = llama_incompatibilities(cfg)
@@ -202,45 +228,47 @@ def to_hf_llama(model: CausalLM | None, out_dir: str | Path, *, dtype: torch.dty
             f"cannot export '{cfg.name or cfg.kind}' to HF Llama: {', '.join(bad)} "
             "(needs kind=dense, mlp=swiglu, qk_norm=false, value_embeds=none)"
         )
+    tok = tokenizer if tokenizer is None or isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    if tok is not None:
+        check_hf_tokenizer(tok, cfg)  # before anything is written
     sd = state_dict if state_dict is not None else model.state_dict()
     out = Path(out_dir)
+    # weights, then tokenizer and generation config, config.json last: a directory with a
+    # config.json is complete
     _save_tensors(out / WEIGHTS_NAME, hf_llama_state_dict(sd, cfg), dtype)
-    _write_text(out / HF_CONFIG_NAME, json.dumps(hf_llama_config(cfg, dtype), indent=2) + "\n")
+    ids = None
+    if tok is not None:
+        write_hf_tokenizer(tok, out, max_length=cfg.max_seq_len)
+        _write_text(out / HF_GENERATION_CONFIG_NAME, json.dumps(hf_generation_config(cfg, tok), indent=2) + "\n")
+        ids = token_ids(tok)
+    _write_text(out / HF_CONFIG_NAME, json.dumps(hf_llama_config(cfg, dtype, ids), indent=2) + "\n")
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed checkpoints
+def run_tokenizer(run_config: str | Path) -> Tokenizer:
+    """The tokenizer a run's shards were built with (``data.shards``, or a mixture's first
+    source: all sources share one), found and sha256-checked via the shard manifest."""
+    from mythos.data.format import load_manifest
+    from mythos.data.tokenizer import find_tokenizer
 
-
-def consolidate_deepspeed(ckpt: str | Path) -> dict[str, Tensor]:
-    """fp32 state dict (prefixes stripped) of the DeepSpeed checkpoint directory ``ckpt`` =
-    ``.../checkpoints/TAG``.
-
-    With ZeRO optimizer shards (``*_optim_states.pt``, stages 1-3) the fp32 master weights are
-    merged by ``deepspeed.utils.zero_to_fp32``. Without them (ZeRO stage 0: the optimizer state is
-    inside the model-states file) the weights are ``mp_rank_00_model_states.pt``'s ``module``,
-    upcast to fp32 -- with bf16/fp16 training and no ZeRO those are the low-precision copies.
-    """
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
-    if not list(ckpt.glob("*model_states.pt")):
-        raise FileNotFoundError(f"no DeepSpeed *model_states.pt files in {ckpt} (is it a checkpoint tag dir?)")
-    if list(ckpt.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-            return clean_state_dict({k: v.float() for k, v in sd.items()})
-        except ValueError as exc:  # e.g. a bf16 optimizer file without ZeRO partitions
-            if "is not a zero checkpoint" not in str(exc):
-                raise
-    states = ckpt / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise FileNotFoundError(f"{states} not found and no ZeRO optimizer shards to merge")
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    return clean_state_dict({k: v.float() for k, v in module.items()})
+    hint = "; pass --tokenizer PATH/tokenizer.model"
+    raw = load_yaml(run_config)
+    data = raw.get("data") or {}
+    if isinstance(data, str):  # an include (config.yaml names configs/data/*.yaml)
+        data = load_yaml(data if Path(data).is_file() else REPO_ROOT / data)
+    sources = data.get("sources") or []
+    shards = data.get("shards") or (sources[0].get("shards") if sources and isinstance(sources[0], dict) else None)
+    if not shards:
+        raise FileNotFoundError(f"no data.shards in {run_config} to find the run's tokenizer{hint}")
+    try:
+        manifest = load_manifest(shards)
+    except ConfigError as exc:
+        raise FileNotFoundError(f"cannot find the run's tokenizer: {exc}{hint}") from None
+    tok = find_tokenizer(manifest.raw, manifest.directory)
+    if tok is None:
+        raise FileNotFoundError(f"tokenizer of {shards} not found (manifest path "
+                                f"{manifest.raw.get('tokenizer', {}).get('path')}, sha256-checked){hint}")
+    return tok
 
 
 def model_config_from_file(path: str | Path) -> ModelConfig:
@@ -275,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: RUN_DIR/config.resolved.yaml, then RUN_DIR/config.yaml)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype for --hf-llama (consolidated output is always fp32)")
+    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model (or its directory) for --hf-llama "
+                        "(default: the one the run's data.shards were built with)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle the checkpoint files without restriction (DeepSpeed's engine files are "
+                        "pickles: only for checkpoints you trust)")
     args = parser.parse_args(argv)
     ckpt = Path(args.checkpoint)
     try:
@@ -283,11 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (ckpt / "COMPLETE").is_file():  # the trainer's marker, written after every rank saved
             print(f"warning: {ckpt} has no COMPLETE marker; it may be a partial save", file=sys.stderr)
         cfg = model_config_from_file(args.model_config or _find_run_config(ckpt))
-        if args.hf_llama and (bad := llama_incompatibilities(cfg)):
-            raise ValueError(f"cannot export to HF Llama: {', '.join(bad)}")  # fail before the slow merge
-        sd = consolidate_deepspeed(ckpt)
+        tok = None
+        if args.hf_llama:  # every check that needs no weights before the slow merge
+            if bad := llama_incompatibilities(cfg):
+                raise ValueError(f"cannot export to HF Llama: {', '.join(bad)}")
+            tok = Tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(_find_run_config(ckpt))
+            check_hf_tokenizer(tok, cfg)
+        sd = consolidate_deepspeed(ckpt, trust=args.trust_checkpoint)
         if args.hf_llama:
-            to_hf_llama(None, args.out, dtype=getattr(torch, args.dtype), cfg=cfg, state_dict=sd)
+            to_hf_llama(None, args.out, dtype=getattr(torch, args.dtype), cfg=cfg, state_dict=sd, tokenizer=tok)
         else:
             save_consolidated(sd, cfg, args.out)
     except (FileNotFoundError, ValueError, ConfigError) as exc:

@@ -1,5 +1,7 @@
-"""Export: HF Llama round trip (logits match transformers), refusals, consolidated save/load, and
-the DeepSpeed-checkpoint CLI on a real single-process ZeRO engine."""
+"""Export: HF Llama round trip (logits match transformers), refusals, consolidated save/load, the
+DeepSpeed-checkpoint CLI on a real single-process ZeRO engine, the Hub-complete HF directory
+(tokenizer == sentencepiece, lm-eval's own ``hf`` model scores like our adapter), and the refusal
+to unpickle anything but plain data from checkpoint files."""
 
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mythos.config import REPO_ROOT
-from mythos.export import load_consolidated, main, save_consolidated, to_hf_llama
+from mythos.config import REPO_ROOT, dump_yaml
+from mythos.data.tokenizer import Tokenizer
+from mythos.export import consolidate_deepspeed, load_consolidated, main, save_consolidated, to_hf_llama
 from mythos.model import build_model, load_model_config
+
+#: the session-scoped data_corpus (Shakespeare + its BPE tokenizer) and short_runs (real runs)
+pytest_plugins = ["data_fixtures", "eval_fixtures"]
 
 _SMALL = ["vocab_size=512", "d_model=64", "n_heads=4", "mlp_hidden=160", "n_layers=2", "max_seq_len=64"]
 
@@ -172,9 +178,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 0])
-def test_cli_consolidates_deepspeed_checkpoint(tmp_path: Path, stage: int) -> None:
+def test_cli_consolidates_deepspeed_checkpoint(tmp_path: Path, stage: int, data_corpus) -> None:
     """One real optimizer step of a single-process DeepSpeed engine (CPU, gloo), saved, then
-    consolidated by the CLI: ZeRO-2 through zero_to_fp32, stage 0 from the module states."""
+    consolidated by the CLI: ZeRO-2 through zero_to_fp32, stage 0 from the module states -- both
+    with every file loaded weights_only (the real engine files pass the allow-list)."""
     pytest.importorskip("deepspeed")
     script = tmp_path / "ds_save.py"
     script.write_text(_DS_SAVE)
@@ -200,7 +207,207 @@ def test_cli_consolidates_deepspeed_checkpoint(tmp_path: Path, stage: int) -> No
     assert load_consolidated(tmp_path / "out").cfg == load_model_config("dense-tiny", _SMALL)
 
     if stage == 2:  # the same checkpoint as a HF Llama directory
+        # this run config has no data section: no tokenizer to find, so one line saying what to do
         proc = subprocess.run([*cli, "--out", str(tmp_path / "hf"), "--hf-llama"], env=env,
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert (tmp_path / "hf" / "config.json").is_file()
+        err = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and err.startswith("error: no data.shards") and "--tokenizer" in err, proc.stderr
+        assert not (tmp_path / "hf").exists()  # refused before the merge and before writing
+        # a tokenizer bigger than the model's vocabulary is refused too
+        proc = subprocess.run([*cli, "--out", str(tmp_path / "hf"), "--hf-llama", "--tokenizer",
+                               str(data_corpus.tokenizer_model)], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2 and "vocab_size" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+# ----------------------------------------------------------------------------- Hub-complete HF directory
+
+#: Text sentencepiece handles in ways a naive HF conversion gets wrong: leading/double spaces
+#: (dummy prefix is always added, spaces never folded), tabs, "\n" (a user-defined symbol) at the
+#: start, CR, non-ASCII, characters outside the vocabulary (byte fallback), special-token text.
+AWKWARD = ["", " ", "  ", "hello", " hello", "  hello  world ", "a\tb", "\t\tindented", "a\nb", "\n", "\n\nThe end.\n",
+           " \n ", "x  \n  y", "a\r\nb", "café naïve", "日本語の文章", "🎉 party 🎉", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Ωmega", "\u00a0nbsp",
+           "1234567 89", "<s> </s> <pad> <unk>", "<0x41>", "end with space ", "ROMEO: What say you?\n"]
+HF_FILES = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+            "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+
+
+def test_hf_tokenizer_encodes_like_sentencepiece(tmp_path: Path, data_corpus) -> None:
+    """``AutoTokenizer`` on the exported directory gives sentencepiece's ids and decodes them back
+    to the same text, on awkward strings and on whole plays; it adds no BOS/EOS, and its BOS is EOS
+    (what the model saw before every document)."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(data_corpus.tokenizer_dir)
+    model = _random_model("dense-tiny", [*_SMALL, "vocab_size=1024"])
+    out = to_hf_llama(model, tmp_path / "hf", tokenizer=tok)
+    assert sorted(p.name for p in out.iterdir()) == HF_FILES  # no temp files left
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+
+    texts = AWKWARD + [p.read_text() for p in data_corpus.text_files[:2]]
+    texts += [t for p in data_corpus.text_files[2:4] for t in p.read_text().split("\n\n")]
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf.encode(text) == ids, text[:80]
+        assert hf.encode(text, add_special_tokens=True) == ids  # nothing added
+        assert hf.decode(ids) == tok.decode(ids) == text, text[:80]  # exact round trip
+    assert any(t.startswith(" ") for t in AWKWARD) and tok.encode("日本語の文章").count(tok.sp.piece_to_id("<0xE6>"))
+
+    eos, pad = tok.eos_id, tok.pad_id
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (eos, eos, pad)
+    assert hf.decode([eos, *tok.encode("hi"), pad], skip_special_tokens=True) == "hi"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": pad, "max_length": 64}
+    cfg = transformers.AutoConfig.from_pretrained(out)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (eos, eos, pad)
+    assert transformers.GenerationConfig.from_pretrained(out).max_length == 64
+
+
+def test_hf_tokenizer_refuses_what_it_cannot_reproduce(tmp_path: Path, data_corpus) -> None:
+    """A unigram model or a multi-character user-defined symbol cannot be written exactly: one
+    line, before any file is written."""
+    from data_prep.train_tokenizer import TokenizerParams, train_tokenizer
+
+    model = _random_model("dense-tiny", [*_SMALL, "vocab_size=1024"])
+    text = data_corpus.text_files[:1]
+    for name, params, named in [("uni", TokenizerParams(vocab_size=400, model_type="unigram"), "model_type=unigram"),
+                                ("sep", TokenizerParams(vocab_size=400, special=("<sep>",)), "'<sep>'")]:
+        train_tokenizer(text, tmp_path / name, params)
+        with pytest.raises(ValueError, match="cannot write a HF tokenizer") as info:
+            to_hf_llama(model, tmp_path / f"hf-{name}", tokenizer=tmp_path / name)
+        assert named in str(info.value) and "\n" not in str(info.value)
+        assert not (tmp_path / f"hf-{name}").exists()
+
+
+_MC_TASK = """task: export_mc
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/mc.jsonl}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list: [{{metric: acc}}]
+"""
+#: (context, continuation): empty context (scored after the prefix token), left truncation past
+#: max_length=64, leading/double spaces, tab, newline, byte fallback
+_REQUESTS = [("To be, or not to be", ", that is the question"), ("", "Hello there"), ("My lord, I", " will"),
+             ("ROMEO: " * 30, " What say you?"), ("  two  spaces", "\n\tand a tab"), ("日本", " 🎉"), ("x", " y")]
+_TEXTS = ["Some text here.", "Now is the winter of our discontent made glorious summer by this sun of York; " * 3]
+
+
+@pytest.mark.slow
+def test_hf_export_scores_like_our_adapter(short_runs, tmp_path: Path, monkeypatch) -> None:
+    """The CLI turns a real dense run's checkpoint into a HF directory (tokenizer found through the
+    run's shard manifest); lm-eval's own ``hf`` model (``LlamaForCausalLM`` + ``AutoTokenizer``)
+    runs a local task on it and its per-request log-likelihoods equal our adapter's on the run."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (dev extra)")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from mythos.eval.lm_eval_adapter import MythosLM
+
+    for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")  # nothing may be downloaded
+    run = short_runs["dense"]
+    ckpt = sorted((run / "checkpoints").glob("step*"))[-1]
+    out = tmp_path / "hf"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--hf-llama"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == HF_FILES
+
+    hf = HFLM(pretrained=str(out), device="cpu", dtype="float32", batch_size=3)
+    ours = MythosLM(run=str(run), checkpoint=ckpt.name, device="cpu", dtype="float32", batch_size=3, quiet=True)
+    assert hf.prefix_token_id == ours.prefix_token_id and hf.max_length == ours.max_length
+
+    def score(lm):
+        ll = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(_REQUESTS)])
+        rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
+                                            for i, t in enumerate(_TEXTS)])
+        return ll, rolling
+
+    (ll_hf, roll_hf), (ll_ours, roll_ours) = score(hf), score(ours)
+    assert [g for _, g in ll_hf] == [g for _, g in ll_ours]
+    assert [s for s, _ in ll_hf] == pytest.approx([s for s, _ in ll_ours], abs=1e-4)
+    assert roll_hf == pytest.approx(roll_ours, abs=1e-3)  # sums of ~10^2-10^3 nats
+    assert len({round(s, 2) for s, _ in ll_hf}) == len(ll_hf)  # distinct: a permutation would show
+
+    rows = [{"context": "To be, or not to be, that is the", "choices": [" question", " banana"], "label": 0},
+            {"context": "My lord, I", "choices": [" will", " xylophone"], "label": 0}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "export_mc.yaml").write_text(_MC_TASK.format(data=tmp_path))
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},device=cpu,dtype=float32,batch_size=2",
+                                  tasks=["export_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  log_samples=True)
+    samples = sorted(res["samples"]["export_mc"], key=lambda s: s["doc_id"])
+    args = [tuple(a) for s in samples for a in s["arguments"]]  # (context, " " + choice) as lm-eval built them
+    assert [a[0] for a in args[:2]] == [rows[0]["context"]] * 2 and len(args) == 4
+    got = [resp[0][0] for s in samples for resp in s["resps"]]
+    want = ours.loglikelihood([Instance("loglikelihood", {}, a, i) for i, a in enumerate(args)])
+    assert got == pytest.approx([s for s, _ in want], abs=1e-4)
+    picked = [int(want[2 * i + 1][0] > want[2 * i][0]) for i in range(len(rows))]  # two choices per row
+    acc = sum(p == r["label"] for p, r in zip(picked, rows)) / len(rows)
+    assert res["results"]["export_mc"]["acc,none"] == pytest.approx(acc)  # the task's metric, our scores
+
+
+# ----------------------------------------------------------------------------- untrusted pickles
+
+
+class _Payload:
+    """Unpickling this calls ``os.mkdir(marker)``: the stand-in for arbitrary code in a pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+_MODEL_STATES, _OPTIM_STATES = "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+def _evil_checkpoint(tmp_path: Path, file: str, other: str | None = None) -> tuple[Path, Path]:
+    """A run dir whose checkpoint ``file`` holds real-looking weights plus the payload, beside a
+    harmless ``other`` file (an optimizer shard sends export down the zero_to_fp32 path)."""
+    cfg = load_model_config("dense-tiny", _SMALL)
+    run, marker = tmp_path / "run", tmp_path / "payload-ran"
+    ckpt = run / "checkpoints" / "step1"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n" + "".join(f"  {ln}\n" for ln in dump_yaml(cfg).splitlines()))
+    states = {"module": build_model(cfg, device="meta").state_dict(), "extra": _Payload(marker)}
+    states["module"] = {k: torch.zeros(v.shape) for k, v in states["module"].items()}
+    if other:
+        torch.save({"module": states["module"]}, ckpt / other)
+    torch.save(states, ckpt / file)
+    return ckpt, marker
+
+
+@pytest.mark.parametrize(("file", "other"), [(_MODEL_STATES, None), (_OPTIM_STATES, _MODEL_STATES)])
+def test_export_refuses_pickled_callables(tmp_path: Path, file: str, other: str | None,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint file naming a callable outside the allow-list is refused with one line, and
+    the payload never runs (stage-0 path and ZeRO/zero_to_fp32 path)."""
+    ckpt, marker = _evil_checkpoint(tmp_path, file, other)
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: refusing to unpickle posix.mkdir from {ckpt / file}: load only checkpoints you trust "
+                   "(--trust-checkpoint loads it anyway)")
+    assert not marker.exists() and not out.exists()
+
+
+def test_weights_only_guard_holds_without_the_prescan(tmp_path: Path, monkeypatch) -> None:
+    """The pre-scan is not the only guard: with it disabled, the loads themselves (ours and the
+    ones inside DeepSpeed's zero_to_fp32) run weights_only and still refuse; ``trust=True`` really
+    unpickles (so the payload above is live, and the refusals are what keeps it from running)."""
+    import mythos.ds_checkpoint as export
+
+    monkeypatch.setattr(export, "check_pickles", lambda files: None)
+    for name, other in [("stage0", None), ("zero", _OPTIM_STATES)]:  # zero_to_fp32 reads model states first
+        ckpt, marker = _evil_checkpoint(tmp_path / name, _MODEL_STATES, other)
+        with pytest.raises(export.UntrustedCheckpointError, match="refusing to unpickle") as info:
+            consolidate_deepspeed(ckpt)
+        assert "\n" not in str(info.value) and not marker.exists()
+    ckpt, marker = _evil_checkpoint(tmp_path / "trusted", _MODEL_STATES)
+    consolidate_deepspeed(ckpt, trust=True)
+    assert marker.is_dir()

@@ -49,7 +49,8 @@ from mythos.data.format import Manifest, load_manifest
 MIX_TAG = 0x6D6978
 MIXTURE_VERSION = 1
 #: Manifest fields all sources of a mixture must share (else the samples are not interchangeable).
-_COMPATIBLE = ("seq_len", "dtype", "vocab_size", "bos_id", "eos_id", "pad_id", "tokenizer_sha256", "loss_mask")
+#: The tokenizer comes first: when it differs, it is the cause to name (vocab and ids follow from it).
+_COMPATIBLE = ("tokenizer_sha256", "seq_len", "dtype", "vocab_size", "bos_id", "eos_id", "pad_id", "loss_mask")
 
 
 def resolve_quotas(weights: Sequence[float], sizes: Sequence[int], total: int = 0) -> np.ndarray:

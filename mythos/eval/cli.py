@@ -11,6 +11,11 @@ and at its default depth. ``--multihop DIR`` adds exact-match accuracy per hop c
 count) on ``DIR/test.jsonl``. Results go to ``RUN/eval/results.json`` (atomically; sections of an
 earlier result for the *same* checkpoint that this call did not recompute are kept).
 
+Bits per byte need the tokenizer the shards were built with (found through the manifest, see
+:func:`mythos.data.tokenizer.find_tokenizer`). When it has moved, the eval stops with one line
+rather than quietly writing results without bpb: point at it with ``--tokenizer PATH`` (its sha256
+must match the manifest's) or skip bpb explicitly with ``--no-bpb`` (``bpb_method`` then says so).
+
 ``--device`` / ``--dtype`` default to CUDA + bf16 when available, else CPU + fp32 (the latter
 reproduces the CPU numbers exactly); loss sums are fp64 either way. Progress goes to stderr
 (one line per loop count and phase; ``--quiet`` silences it). Bad input is one ``error:`` line, exit 2.
@@ -45,6 +50,39 @@ def parse_loops(text: str) -> list[int]:
     return loops
 
 
+BPB_EXACT = "exact per-token UTF-8 bytes from the tokenizer"
+BPB_SKIPPED = "unavailable: skipped with --no-bpb"
+
+
+def resolve_token_bytes(data_cfg: Any, tokenizer: str | Path | None = None, bpb: bool = True) -> Any:
+    """The :class:`~mythos.train.evaluate.TokenBytes` of the run's shards, or None with ``bpb=False``.
+    Raises a one-line :class:`ConfigError` when the shards' tokenizer cannot be found (or
+    ``tokenizer`` is not it): bpb must never go missing silently."""
+    if not bpb:
+        return None
+    from mythos.data.mixture import resolve_data
+    from mythos.data.tokenizer import Tokenizer, find_tokenizer
+    from mythos.train.evaluate import TokenBytes
+
+    manifest = resolve_data(data_cfg).manifest  # a mixture's sources share one tokenizer (checked)
+    want = manifest.raw.get("tokenizer", {})
+    if tokenizer is not None:
+        tok = Tokenizer(tokenizer)  # FileNotFoundError -> one line (main)
+        if tok.sha256 != want.get("sha256"):
+            raise ConfigError(f"--tokenizer {tokenizer} is not the tokenizer {manifest.directory} was built with "
+                              f"(sha256 {tok.sha256[:12]}... != {str(want.get('sha256'))[:12]}...)")
+    else:
+        tok = find_tokenizer(manifest.raw, manifest.directory)
+        if tok is None:
+            raise ConfigError(
+                f"tokenizer {want.get('path', '?')} (sha256 {str(want.get('sha256'))[:12]}...) that "
+                f"{manifest.directory} was built with is not found; bits per byte need it: pass --tokenizer PATH, "
+                f"or --no-bpb to skip bpb"
+            )
+    table, dummy = tok.byte_lengths()
+    return TokenBytes(torch.from_numpy(table), tok.eos_id, dummy)
+
+
 def evaluate_lm(
     run: Any,
     loops: Sequence[int],
@@ -53,18 +91,21 @@ def evaluate_lm(
     *,
     device: str | torch.device | None = None,
     quiet: bool = True,
+    token_bytes: Any = "auto",
 ) -> dict[str, Any]:
     """Val loss / ppl / bpb of a loaded run over its whole val split, per loop count, with the
-    batches on ``device`` (default: where the model's parameters are)."""
+    batches on ``device`` (default: where the model's parameters are). ``token_bytes``: ``"auto"``
+    finds the tokenizer (:func:`resolve_token_bytes`), None skips bpb."""
     from mythos.data import build_val_loader
     from mythos.eval.device import Progress
-    from mythos.train.evaluate import TokenBytes, eval_loop_counts, evaluate
+    from mythos.train.evaluate import eval_loop_counts, evaluate
 
     cfg = run.cfg
     val = build_val_loader(cfg.data, batch_size)
     if val.num_samples == 0:
         raise ConfigError(f"data.shards={cfg.data.shards} has no val samples (re-shard with --val-fraction > 0)")
-    token_bytes = TokenBytes.for_shards(cfg.data.shards)
+    if isinstance(token_bytes, str):
+        token_bytes = resolve_token_bytes(cfg.data)
     dev = torch.device(device) if device is not None else next(run.model.parameters()).device
     n_batches = min(len(val), max_batches) if max_batches else len(val)
     # evaluate() makes one pass per loop count, in eval_loop_counts order: label each pass's progress
@@ -88,8 +129,7 @@ def evaluate_lm(
         "ppl": res["val/ppl"],
         "bpb": res.get("val/bpb"),
         "bytes": res.get("val/bytes"),
-        "bpb_method": "exact per-token UTF-8 bytes from the tokenizer" if token_bytes else "unavailable: tokenizer "
-                      "not found (see mythos.data.tokenizer.find_tokenizer)",
+        "bpb_method": BPB_EXACT if token_bytes else BPB_SKIPPED,
     }
     if cfg.model.kind == "rdt":
         out["default_loops"] = int(cfg.model.loops.eval_loops or round(cfg.model.loops.mean))
@@ -115,11 +155,14 @@ def run_eval(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     quiet: bool = True,
+    tokenizer: str | Path | None = None,
+    bpb: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``device`` in ``dtype`` (defaults: :func:`mythos.eval.device.resolve`)
-    and write the results file; returns the results dict."""
+    and write the results file; returns the results dict. ``tokenizer``: the shards' tokenizer
+    where the manifest's path no longer finds it; ``bpb=False`` skips bits per byte."""
     from mythos.eval.device import dtype_name, resolve
-    from mythos.eval.loading import load_run
+    from mythos.eval.loading import load_run, load_run_config_from_dir
     from mythos.eval.multihop import evaluate_multihop
     from mythos.tasks.build import load_task_card, load_test_examples
 
@@ -131,6 +174,7 @@ def run_eval(
         raise ConfigError(f"--batch-size and --max-batches must be >= 0, got {batch_size} and {max_batches}")
     if multihop is not None:
         card, examples = load_task_card(multihop), load_test_examples(multihop)
+    token_bytes = resolve_token_bytes(load_run_config_from_dir(run_dir).data, tokenizer, bpb) if lm else None
     run = load_run(run_dir, checkpoint, device=dev, dtype=dt)
     is_rdt = run.cfg.model.kind == "rdt"
     out_path = Path(out) if out else Path(run_dir) / RESULTS
@@ -157,7 +201,8 @@ def run_eval(
     })
     bs = batch_size or run.cfg.train.micro_batch_size
     if lm:
-        results["lm"] = evaluate_lm(run, loops if is_rdt else (), bs, max_batches, device=dev, quiet=quiet)
+        results["lm"] = evaluate_lm(run, loops if is_rdt else (), bs, max_batches, device=dev, quiet=quiet,
+                                    token_bytes=token_bytes)
     if multihop is not None:
         res = evaluate_multihop(run.model, examples, loops if is_rdt else (), device=dev, quiet=quiet)
         tc = card["config"]
@@ -199,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--multihop", default=None, help="task directory from `python -m mythos.tasks` (test.jsonl)")
     p.add_argument("--out", default=None, help=f"results file (default RUN/{RESULTS})")
     p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
+    p.add_argument("--tokenizer", default=None,
+                   help="the shards' tokenizer (dir or .model) when the manifest's recorded path no longer finds it")
+    p.add_argument("--no-bpb", action="store_true", help="skip bits per byte (e.g. the tokenizer is gone)")
     p.add_argument("--batch-size", type=int, default=0, help="val batch size (default: train.micro_batch_size)")
     p.add_argument("--max-batches", type=int, default=0, help="val batches (0 = the whole split)")
     add_device_args(p)
@@ -206,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = run_eval(a.run, checkpoint=a.checkpoint, loops=parse_loops(a.loops), multihop=a.multihop, out=a.out,
                        lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device,
-                       dtype=a.dtype, quiet=a.quiet)
+                       dtype=a.dtype, quiet=a.quiet, tokenizer=a.tokenizer, bpb=not a.no_bpb)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

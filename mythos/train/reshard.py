@@ -5,10 +5,12 @@ and the bf16 optimizer's fp32 master shards even at stage 0). Loading it on ``M 
 needs DeepSpeed's *universal* format: one fp32 file per parameter and optimizer state, which any
 world size can re-partition. The trainer does this by itself:
 
-1. :func:`plan_resume`, before any process group: find the checkpoint, read the world size that
-   wrote it (``COMPLETE``'s ``world_size``; else its shard files), and check that the new world
-   size can honour it (global batch divisible; every shard present). Failures are one-line
-   :class:`~mythos.config.ConfigError` s (exit 2).
+1. :func:`plan_resume`, before any process group: find the newest checkpoint whose files verify
+   (sizes + sha256 recorded at save; a corrupt newer one is reported, moved aside and skipped:
+   :func:`choose_checkpoint`), read the world size that wrote it (``COMPLETE``'s ``world_size``;
+   else its shard files), and check that the new world size can honour it (global batch
+   divisible; every shard present). Failures are one-line :class:`~mythos.config.ConfigError` s
+   (exit 2).
 2. :func:`ensure_universal`, still before the process group: global rank 0 converts the tag dir
    with ``deepspeed.checkpoint.ds_to_universal`` into ``TAG/universal/`` (written to a temp dir
    and renamed, so it exists only when whole; kept, so a second restart does not convert again,
@@ -83,15 +85,66 @@ def saved_world_size(tag_dir: Path) -> int:
         return max(len(shard_ranks(tag_dir)), 1)
 
 
-def plan_resume(ckpt_root: Path, resume: str, world_size: int, global_batch: int,
-                micro_batch: int) -> ResumePlan | None:
-    """Which checkpoint to resume from and whether it needs a universal conversion; raises a
-    one-line :class:`ConfigError` for a world-size change that cannot be honoured. No process
-    group, no heavy I/O: safe to call on every rank first thing."""
+def choose_checkpoint(ckpt_root: Path, resume: str, rank: int, verify: str = "sha256") -> Path | None:
+    """The checkpoint to resume from, verified (:func:`mythos.train.checkpoint.verify`).
+
+    ``auto``: the newest complete tag that verifies. Newer tags that fail are reported in one line
+    on rank 0 and moved aside by rank 0 as ``TAG.corrupt-<time>`` (kept; see
+    :func:`~mythos.train.checkpoint.quarantine`). Every rank runs the same checks on the same
+    files, so every rank picks the same tag -- a rank that lists the directory after rank 0 moved a
+    bad tag simply never sees it. When *no* tag verifies nothing is moved and the resume is refused
+    (starting over from step 0 by surprise would be worse). An explicit ``train.resume=PATH`` that
+    fails is refused too: it names the one checkpoint the user wants."""
+    checksum = verify != "size"
     try:
         path = ckpt.find_resume(ckpt_root, resume)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+    if path is None:
+        return None
+    if resume != "auto":
+        problem = ckpt.verify(path, checksum)
+        if problem:
+            raise ConfigError(f"checkpoint {path} is corrupt ({problem}); resume from another one (train.resume=PATH "
+                              f"or auto)")
+        return path
+    bad: list[tuple[Path, str]] = []
+    for _, tag in reversed(ckpt.list_tags(ckpt_root)):
+        if not tag.is_dir():  # rank 0 moved it aside meanwhile: it failed there, as it would here
+            continue
+        problem = ckpt.verify(tag, checksum)
+        if problem is None:
+            break
+        if not tag.is_dir():
+            continue
+        bad.append((tag, problem))
+    else:
+        if not bad:
+            return None
+        raise ConfigError(
+            "no checkpoint under " + str(ckpt_root) + " verifies: " + "; ".join(f"{t.name} ({p})" for t, p in bad)
+            + "; move them away to start over, or restore them"
+        )
+    for b, problem in bad:
+        if rank == 0:
+            try:
+                kept = ckpt.quarantine(b).name
+            except OSError:  # already moved (a second rank 0 cannot exist; be safe anyway)
+                kept = b.name
+            print(f"warning: checkpoint {b.name} is corrupt ({problem}); resuming from {tag.name} instead; "
+                  f"{b.name} kept for inspection as {kept}", file=sys.stderr, flush=True)
+    return tag
+
+
+def plan_resume(ckpt_root: Path, resume: str, world_size: int, global_batch: int,
+                micro_batch: int, verify: str = "sha256") -> ResumePlan | None:
+    """Which checkpoint to resume from (verified, see :func:`choose_checkpoint`; ``verify="size"``
+    skips the checksums) and whether it needs a universal conversion; raises a one-line
+    :class:`ConfigError` for a corrupt explicit checkpoint or a world-size change that cannot be
+    honoured. No process group: safe (and required) to call on every rank first thing."""
+    from mythos import dist
+
+    path = choose_checkpoint(ckpt_root, resume, dist.env_info().rank, verify)
     if path is None:
         return None
     saved = saved_world_size(path)

@@ -1,21 +1,27 @@
 """The training loop: ``Trainer(cfg).fit()`` with named phases.
 
-One optimizer step::
+Start-up (``__init__``), in this order so that bad input fails before any process group::
 
-    stop?   all-reduce [local label tokens, signal flag]   -> token-weighted scale, agreed stop
-    micro   forward/backward x accum (RDT: loop counts of the *global* batch from (seed, step))
-    guard   all-reduce [ce sum, non-finite flag]           -> exact step loss; skip bad updates
+    plan     resume point (a checkpoint of another world size is converted here), config checks
+    group    process group; model built identically on every rank; DeepSpeed engine (engine.py)
+    data     loader (RDT: loop layout, loop_layout.py), val loader, data fingerprint
+    resume   engine + loader + counters from the checkpoint; provenance files (provenance.py)
+
+One optimizer step (``fit``)::
+
+    data    next micro-batches of this rank
+    stop?   all-reduce [label tokens, signal flag, consumed checksum]
+            -> token-weighted scale, agreed stop, consumed-data record (audit.py)
+    micro   forward/backward x accum (RDT: each sample's T and h0 from (seed, step, position))
+    guard   all-reduce [ce sum, non-finite flag]  -> exact step loss; skip bad updates
     step    engine.step() (lr set from the step first), then log / eval / save as due
 
-Two scalar all-reduces per step are the only host syncs besides logging.
+Two small all-reduces per step are the only host syncs; metric tensors are read on log steps only.
+Throughput / MFU bookkeeping lives in throughput.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,166 +29,117 @@ from typing import Any
 import numpy as np
 import torch
 
-import mythos
 from mythos import dist
-from mythos.config import ConfigError, dump_yaml, to_dict
+from mythos.config import ConfigError
 from mythos.data import IGNORE_INDEX, build_train_loader, build_val_loader
+from mythos.data.order import Position
 from mythos.model import build_model
 from mythos.model.loops import executed_loops
 from mythos.train import checkpoint as ckpt
 from mythos.train import reshard
+from mythos.train.audit import ConsumedRecord, SampleLog, ids_checksum, install_forward_fault
 from mythos.train.checks import check_run
 from mythos.train.config import RunConfig
-from mythos.train.ds_config import build_ds_config, use_bf16, write_ds_config
+from mythos.train.ds_config import build_ds_config, use_bf16
+from mythos.train.engine import build_engine
 from mythos.train.evaluate import TokenBytes, evaluate
 from mythos.train.loop_layout import LoopLayout, h0_noise
 from mythos.train.metrics import MetricsLogger, format_line
-from mythos.train.optim import lr_multiplier, muon_eligible, param_groups, set_lr
+from mythos.train.optim import lr_multiplier, set_lr
+from mythos.train.provenance import run_info, section_hash, write_run_files
 from mythos.train.signals import StopFlag
+from mythos.train.throughput import Throughput, device_peak_flops
 
 
 class TrainingStopped(RuntimeError):
     """Raised when the run must stop (too many bad steps); the message says what to do."""
 
 
-def _section_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        t = cfg.train
         # installed first, so a preemption warning that arrives during start-up (process group,
         # model build, resume) is not lost: the first step boundary acts on it
         self.stop = StopFlag()
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        info = dist.env_info()
-        # everything that can be checked without a process group is checked first; a checkpoint
-        # from another world size is checked (own message) and converted here too (see reshard)
-        self.resume_plan = reshard.plan_resume(self.ckpt_root, cfg.train.resume, info.world_size,
-                                               cfg.train.global_batch_size, cfg.train.micro_batch_size)
-        self.plan = check_run(cfg, info.world_size)
-        reshard.ensure_universal(self.resume_plan, info.rank, cfg.train.dist_timeout_s)
-        self.info = dist.init_distributed(cfg.train.dist_timeout_s)
-        self.device = dist.device()
-        self.cuda = dist.is_cuda()
-        self.total_steps = self.plan["steps"]
-        t = cfg.train
-        self.accum = t.global_batch_size // (t.micro_batch_size * self.info.world_size)
 
+        # plan: everything that can be checked without a process group is checked first; a
+        # checkpoint from another world size is checked (own message) and converted here (reshard)
+        info = dist.env_info()
+        self.resume_plan = reshard.plan_resume(self.ckpt_root, t.resume, info.world_size,
+                                               t.global_batch_size, t.micro_batch_size)
+        self.plan = check_run(cfg, info.world_size)
+        reshard.ensure_universal(self.resume_plan, info.rank, t.dist_timeout_s)
+
+        # group: process group, model, engine
+        self.info = dist.init_distributed(t.dist_timeout_s)
+        self.device, self.cuda = dist.device(), dist.is_cuda()
+        self.total_steps = self.plan["steps"]
+        self.accum = t.global_batch_size // (t.micro_batch_size * self.info.world_size)
         torch.manual_seed(t.seed)  # identical init on every rank
-        self.model = build_model(cfg.model)
-        self.n_params = self.model.num_params()  # before ZeRO-3 partitions the parameters
+        model = build_model(cfg.model)
+        self.n_params = model.num_params()  # before ZeRO-3 partitions the parameters
         if use_bf16(cfg, self.cuda):
-            self.model = self.model.to(torch.bfloat16)
+            model = model.to(torch.bfloat16)
         universal = self.resume_plan is not None and self.resume_plan.universal
         self.ds_config = build_ds_config(cfg, self.info.world_size, self.cuda, load_universal=universal)
         if t.compile:
             # per-block compile (see CausalLM.compile_blocks): the RDT's loop stays a Python loop
             # over compiled blocks, so a new sampled T never recompiles; ZeRO's module hooks stay
             # outside the compiled regions
-            self.model.compile_blocks()
-        self.engine = self._initialize()
+            model.compile_blocks()
+        self.engine = build_engine(model, cfg.optim, self.ds_config)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
-        torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (h0 noise)
+        torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (nothing draws it today)
 
-        # RDT: which rank / micro-batch runs each sample, by loop count (ZeRO-3 keeps ranks in step)
+        # data: the RDT's layout decides which rank / micro-batch runs each sample, by loop count
         self.layout = LoopLayout(
             cfg.model.loops, t.seed, t.global_batch_size, t.micro_batch_size, self.info.world_size,
-            lockstep=self.zero_stage == 3,
+            lockstep=self.zero_stage == 3,  # ZeRO-3: same number of core calls on every rank
         ) if cfg.model.kind == "rdt" else None
         self.loader = build_train_loader(
             cfg.data, t.global_batch_size, t.micro_batch_size, self.info.rank, self.info.world_size, self.layout
         )
         self.val_loader = build_val_loader(cfg.data, t.micro_batch_size, self.info.rank, self.info.world_size)
         self.fingerprint = self.loader.fingerprint()
-        self._meta_model = build_model(cfg.model, device="meta")  # for FLOPs accounting only
-        self._hw_flops_cache: dict[float | None, float] = {}
-        self.flops_per_token = self._flops_per_token()
-        self.peak_flops = self._peak_flops()
+        self.tokens_per_step = t.global_batch_size * self.plan["seq_len"]
+        self.throughput = Throughput(cfg.model, self.plan["seq_len"], self.tokens_per_step, self.info.world_size,
+                                     device_peak_flops(cfg.log.peak_tflops, self.cuda),
+                                     build_model(cfg.model, device="meta"))
+        self.flops_per_token = self.throughput.model_flops_per_token
 
+        # resume, then the per-run components that continue from the resumed step
         self.step = 0
         self.tokens_seen = 0
         self.flops_seen = 0.0
         self.bad_steps_total = 0
         self.skipped_total = 0
-        self.resumed_from = self._maybe_resume()
-        self.logger = MetricsLogger(
-            self.run_dir, enabled=self.info.is_main, tensorboard=cfg.log.tensorboard, console=cfg.log.console,
-            resume_step=self.step,
-        )
-        self._write_run_files()
-        self._install_forward_fault()
+        client = self._maybe_resume()
+        main = self.info.is_main
+        self.logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
+                                    console=cfg.log.console, resume_step=self.step)
+        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step,
+                                       state=(client or {}).get("consumed"))
+        self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
+        if main:
+            write_run_files(self.run_dir, cfg, self.ds_config, run_info(
+                cfg, world_size=self.info.world_size, zero_stage=self.zero_stage, bf16=use_bf16(cfg, self.cuda),
+                data_hash=self.plan["data_hash"], data_fingerprint=self.fingerprint, params=self.n_params,
+                flops_per_token=self.flops_per_token, total_steps=self.total_steps,
+                tokens_per_step=self.tokens_per_step, resumed_from=self.resumed_from,
+            ))
+        if t.inject_inf_forward_steps and main:
+            install_forward_fault(self.engine.module, t.inject_inf_forward_steps, lambda: self.step + 1)
 
     # ------------------------------------------------------------------ setup
-    def _initialize(self) -> Any:
-        import deepspeed
-
-        groups = param_groups(self.model, self.cfg.optim)
-        if self.cfg.optim.name != "muon":
-            engine, *_ = deepspeed.initialize(model=self.model, model_parameters=groups, config=self.ds_config)
-            return engine
-        # DeepSpeed tags use_muon by parameter *name* (2-D and not "embed"/"lm_head"), which would
-        # put the LTI injection B and readout C, and the 3-D LoRA banks, on Muon. Parcae keeps them
-        # on AdamW, so re-tag right after DeepSpeed's pass, before it builds the optimizer.
-        eligible = muon_eligible(self.model)
-        original = deepspeed.set_optimizer_flags
-
-        def retag(config_class: Any, model: torch.nn.Module) -> None:
-            original(config_class, model)
-            for name, p in model.named_parameters():
-                p.use_muon = eligible.get(name, False)
-
-        deepspeed.set_optimizer_flags = retag
-        try:
-            engine, *_ = deepspeed.initialize(model=self.model, model_parameters=groups, config=self.ds_config)
-        finally:
-            deepspeed.set_optimizer_flags = original
-        return engine
-
-    def _flops_per_token(self) -> float:
-        """Model FLOPs per token (MFU): the RDT at its *expected* loop count E[T], E[k]."""
-        from mythos.accounting import flops_per_token
-
-        return float(flops_per_token(self.cfg.model, self.plan["seq_len"], model=self._meta_model).total)
-
-    def _hardware_flops_per_token(self, executed: tuple[float, float] | None) -> float:
-        """FLOPs the hardware ran per token (HFU): the RDT's executed (forward, backward) core
-        iterations per sequence (see ``loop_layout.executed_loops``) plus the forwards activation
-        checkpointing recomputes. Cached per loop count."""
-        from mythos.accounting import flops_per_token
-
-        key = None if executed is None else (round(executed[0], 3), round(executed[1], 3))
-        if key not in self._hw_flops_cache:
-            ckpt_on = self.cfg.model.checkpoint_layers or self.cfg.model.checkpoint_loops
-            self._hw_flops_cache[key] = float(flops_per_token(
-                self.cfg.model, self.plan["seq_len"], loops_mean=None if key is None else key[0],
-                bwd_loops_mean=None if key is None else key[1], include_recompute=ckpt_on, model=self._meta_model,
-            ).total)
-        return self._hw_flops_cache[key]
-
-    def _peak_flops(self) -> float | None:
-        if self.cfg.log.peak_tflops:
-            return self.cfg.log.peak_tflops * 1e12
-        if not self.cuda:
-            return None
-        from mythos.accounting import peak_flops_for_device
-
-        return peak_flops_for_device(torch.cuda.get_device_name())
-
-    def _maybe_resume(self) -> str | None:
+    def _maybe_resume(self) -> dict[str, Any] | None:
+        """Load the planned checkpoint (if any) into the engine, loader and counters; returns its
+        client state. ``self.resumed_from`` is its path (None when starting fresh)."""
         plan = self.resume_plan  # found (and converted for a new world size) before the process group
+        self.resumed_from: str | None = None
         if plan is None:
             return None
         path = plan.path
@@ -190,7 +147,7 @@ class Trainer:
         # training draws from the global RNG (RDT: T and h0 come from (seed, step, position))
         client = ckpt.load(self.engine, path, universal=plan.universal,
                            restore_rng=plan.saved_world_size == plan.world_size)
-        for key, now in (("model_hash", _section_hash(self.cfg.model)), ("data_fingerprint", self.fingerprint)):
+        for key, now in (("model_hash", section_hash(self.cfg.model)), ("data_fingerprint", self.fingerprint)):
             if client.get(key) != now:
                 raise ConfigError(
                     f"checkpoint {path} was written with a different {key.replace('_', ' ')} "
@@ -202,81 +159,15 @@ class Trainer:
         self.flops_seen = float(client["flops_seen"])
         self.bad_steps_total = int(client.get("bad_steps_total", 0))
         self.skipped_total = int(client.get("skipped_total", 0))
-        return str(path)
+        self.resumed_from = str(path)
+        return client
 
-    def _write_run_files(self) -> None:
-        if not self.info.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(self.run_dir / "config.resolved.yaml", dump_yaml(self.cfg))
-        write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
-        run_info = {
-            "name": self.cfg.name,
-            "kind": self.cfg.model.kind,
-            "git_commit": _git_commit(),
-            "mythos_version": mythos.__version__,
-            "torch": torch.__version__,
-            "deepspeed": __import__("deepspeed").__version__,
-            "python": platform.python_version(),
-            "host": platform.node(),
-            "world_size": self.info.world_size,
-            "zero_stage": self.zero_stage,
-            "bf16": use_bf16(self.cfg, self.cuda),
-            "data_hash": self.plan["data_hash"],
-            "data_fingerprint": self.fingerprint,
-            "model_hash": _section_hash(self.cfg.model),
-            "params": self.n_params,
-            "flops_per_token": self.flops_per_token,
-            "total_steps": self.total_steps,
-            "tokens_per_step": self.cfg.train.global_batch_size * self.plan["seq_len"],
-            "resumed_from": self.resumed_from,
-            "start_time": time.time(),
-        }
-        ckpt.atomic_write_text(self.run_dir / "run_info.json", json.dumps(run_info, indent=2) + "\n")
-
-    def _install_forward_fault(self) -> None:
-        """Test-only (``train.inject_inf_forward_steps``): at these steps rank 0's
-        first transformer block (the RDT's first core block, inside the loop) emits an inf
-        activation in training, so the NaN guard is exercised by a non-finite value that arises
-        inside the forward, as an overflow would, not by a poisoned loss."""
-        t = self.cfg.train
-        if not t.inject_inf_forward_steps or not self.info.is_main:
-            return
-        from mythos.model.layers import Block
-
-        module = self.engine.module
-        block = module.core[0] if hasattr(module, "core") else next(m for m in module.modules() if isinstance(m, Block))
-
-        def hook(mod: torch.nn.Module, args: Any, output: tuple[torch.Tensor, Any]) -> Any:
-            x, aux = output
-            if not (mod.training and self.step + 1 in t.inject_inf_forward_steps and x.numel()):
-                return None
-            x = x.clone()
-            x.view(-1)[0] = float("inf")
-            return x, aux
-
-        block.register_forward_hook(hook)
-
-    def _log_samples(self, data_state: dict[str, Any], micro: list[dict[str, torch.Tensor]]) -> None:
-        """``train.log_samples``: rank 0 appends the step's global sample ids to
-        ``RUN_DIR/samples.jsonl`` -- from the loader's world-size-independent order at the step's
-        start position (no communication), plus the ids rank 0 really received. Lines past the
-        resumed step are dropped first, as metrics.jsonl does."""
-        if not (self.cfg.train.log_samples and self.info.is_main):
-            return
-        from mythos.data.order import Position
-
-        path = self.run_dir / "samples.jsonl"
-        if not getattr(self, "_samples_log_trimmed", False):
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step] \
-                if path.exists() else []
-            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-            self._samples_log_trimmed = True
-        ids = self.loader.order.global_batch(Position(data_state["epoch"], data_state["offset"]))
-        mine = torch.cat([b["sample_ids"] for b in micro]).tolist()
-        rec = {"step": self.step + 1, "ids": sorted(int(i) for i in ids), "rank0": sorted(mine)}
-        with path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host batch tensor -> device without a host sync (CUDA: via pinned memory, non-blocking;
+        the loader's workers pin already when ``data.pin_memory``)."""
+        if self.cuda and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ phases
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: float) -> dict[str, Any]:
@@ -292,8 +183,7 @@ class Trainer:
         aux_acc: dict[str, torch.Tensor] = {}
         set_lr(engine.optimizer, self.base_lrs, lr_multiplier(self.step, self.total_steps, cfg.optim))
         for k, micro in enumerate(micro_batches):
-            ids = micro["input_ids"].to(self.device, non_blocking=True)
-            labels = micro["labels"].to(self.device, non_blocking=True)
+            ids, labels = self._to_device(micro["input_ids"]), self._to_device(micro["labels"])
             kwargs: dict[str, Any] = {}
             if layout is not None:
                 mine = counts[micro["positions"]]
@@ -329,18 +219,18 @@ class Trainer:
         stats["skipped"] = engine.skipped_steps > skipped_before or (n_bad > 0 and self.zero_stage == 0)
         gn = engine.get_global_grad_norm()
         if gn is not None and not stats["skipped"]:
-            stats["grad_norm"] = float(gn)
+            stats["grad_norm"] = gn  # a device tensor or float: read on log steps only
         if layout is not None:
             stats["rdt/loops_mean"] = float(counts.float().mean())
             stats["rdt/loops_max"] = float(counts.max())
             # what the hardware ran, for HFU: (forward, backward) iterations per sequence
             stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"] = executed_loops(cfg.model.loops, counts)
             stats["rdt/core_calls"] = float(core_calls)  # per rank and step (incl. zero-row lockstep calls)
-        for name, v in aux_acc.items():
+        for name, v in aux_acc.items():  # device tensors: read on log steps only (no per-step sync)
             if name == "act_halt_hist":
-                stats["hist/act_halt_steps"] = v.cpu()
-            elif name not in ("loops_mean", "loops_run", "loops_executed"):
-                stats[f"rdt/{name}"] = float(v)
+                stats["hist/act_halt_steps"] = v
+            elif name not in ("loops_mean", "loops_run", "loops_executed", "bwd_loops_executed"):
+                stats[f"rdt/{name}"] = v
         return stats
 
     def maybe_eval(self, force: bool = False) -> dict[str, float]:
@@ -374,7 +264,8 @@ class Trainer:
             "bad_steps_total": self.bad_steps_total,
             "skipped_total": self.skipped_total,
             "data_fingerprint": self.fingerprint,
-            "model_hash": _section_hash(self.cfg.model),
+            "model_hash": section_hash(self.cfg.model),
+            "consumed": self.consumed.state_dict(),
         }
         path = ckpt.save(self.engine, self.ckpt_root, self.step, client, self.cfg.train.keep_last)
         self.logger.print(f"saved checkpoint {path}")
@@ -399,19 +290,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
-        stop = self.stop
-        tokens_per_step = t.global_batch_size * self.plan["seq_len"]
+        t = self.cfg.train
         start_step, t0 = self.step, time.perf_counter()
-        window: list[float] = []
-        data_wait: list[float] = []
-        loops_run: list[tuple[float, float]] = []
         consecutive_bad = 0
         if self.resumed_from:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
         self.logger.print(
-            f"{cfg.name}: {cfg.model.kind} {self.n_params / 1e6:.2f}M params | world {self.info.world_size}"
-            f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {tokens_per_step} tokens"
+            f"{self.cfg.name}: {self.cfg.model.kind} {self.n_params / 1e6:.2f}M params | world {self.info.world_size}"
+            f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {self.tokens_per_step} tokens"
             f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir}"
         )
         try:
@@ -419,31 +305,25 @@ class Trainer:
                 step_t0 = time.perf_counter()
                 data_state = self.loader.state_dict()
                 micro = self.loader.next_step()
-                self._log_samples(data_state, micro)  # train.log_samples: audit/test record
-                data_wait.append(time.perf_counter() - step_t0)
-                local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
-                head = dist.all_reduce_sum(
-                    torch.tensor([local_tokens, float(stop.raised)], dtype=torch.float64, device=self.device)
-                ).tolist()
-                if head[1] > 0:  # some rank got SIGTERM/SIGUSR1: all save this step and exit
+                data_wait = time.perf_counter() - step_t0
+                global_tokens, stop = self._agree(data_state, micro)
+                if stop:  # some rank got SIGTERM/SIGUSR1: all save this step and exit
                     self.save(data_state)
                     self.logger.print(f"stopping on signal at step {self.step}: checkpoint saved; resume: auto goes on")
                     return {"step": self.step, "stopped_on_signal": True}
-                stats = self.train_step(micro, head[0])
+                stats = self.train_step(micro, global_tokens)
                 self.step += 1
                 self.skipped_total += int(stats["skipped"])
                 consecutive_bad = consecutive_bad + 1 if stats["bad"] else 0
                 self.bad_steps_total += int(stats["bad"])
-                self.tokens_seen += tokens_per_step
-                self.flops_seen += self.flops_per_token * tokens_per_step
-                window.append(time.perf_counter() - step_t0)
-                if "rdt/loops_executed" in stats:
-                    loops_run.append((stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"]))
+                self.tokens_seen += self.tokens_per_step
+                self.flops_seen += self.flops_per_token * self.tokens_per_step
+                executed = (stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"]) if self.layout else None
+                self.throughput.add_step(time.perf_counter() - step_t0, data_wait, executed)
                 if stats["bad"]:
                     self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
                 if self.step % t.log_interval == 0 or self.step == self.total_steps or stats["bad"]:
-                    self.log_metrics(stats, window, data_wait, loops_run, start_step, t0)
-                    window, data_wait, loops_run = [], [], []
+                    self.log_metrics(stats, start_step, t0)
                 if consecutive_bad >= t.max_bad_steps:
                     last = ckpt.list_tags(self.ckpt_root)
                     where = last[-1][1] if last else "none yet"
@@ -456,15 +336,28 @@ class Trainer:
                     self.save()
             return {"step": self.step, "stopped_on_signal": False}
         finally:
-            stop.restore()
+            self.stop.restore()
             self.logger.close()
             self.loader.close()
 
-    def log_metrics(self, stats: dict[str, Any], window: list[float], data_wait: list[float],
-                    loops_run: list[tuple[float, float]], start_step: int, t0: float) -> None:
-        tokens_per_step = self.cfg.train.global_batch_size * self.plan["seq_len"]
-        step_time = float(np.mean(window))
-        tok_s = tokens_per_step / step_time
+    def _agree(self, data_state: dict[str, Any], micro: list[dict[str, torch.Tensor]]) -> tuple[float, bool]:
+        """The step's first all-reduce: global label tokens (for the token-weighted loss), whether
+        any rank was signalled, and the consumed-data checksum (checked against the data order and
+        folded into the record). Returns ``(global_tokens, stop)``."""
+        local_tokens = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
+        mine = torch.cat([b["sample_ids"] for b in micro])
+        head = dist.all_reduce_sum(torch.tensor(
+            [local_tokens, float(self.stop.raised), ids_checksum(mine)], dtype=torch.float64, device=self.device,
+        )).tolist()
+        if head[1] > 0:
+            return head[0], True
+        global_ids = self.loader.order.global_batch(Position(data_state["epoch"], data_state["offset"]))
+        self.consumed.add(self.step + 1, head[2], ids_checksum(global_ids), len(global_ids))
+        self.sample_log.add(self.step + 1, global_ids.tolist(), mine.tolist())
+        return head[0], False
+
+    def log_metrics(self, stats: dict[str, Any], start_step: int, t0: float) -> None:
+        """Metrics of the window that ends at this step (reads the step's tensors: a host sync)."""
         m: dict[str, float] = {
             "train/loss": stats["loss"],
             "train/ppl": float(np.exp(min(stats["loss"], 50.0))),
@@ -473,34 +366,23 @@ class Trainer:
             "train/flops": self.flops_seen,
             "train/bad_steps": self.bad_steps_total,
             "train/skipped_updates": self.skipped_total,
-            "perf/step_time_s": step_time,
-            "perf/data_wait_frac": float(np.sum(data_wait) / max(np.sum(window), 1e-9)),
-            "perf/tokens_per_s": tok_s,
-            "perf/tokens_per_s_per_device": tok_s / self.info.world_size,
+            **self.throughput.window_metrics(),
             "perf/memory_gb": self._memory_gb(),
         }
         if "grad_norm" in stats:
-            m["train/grad_norm"] = stats["grad_norm"]
-        executed = tuple(np.mean(loops_run, axis=0).tolist()) if loops_run else None
-        hw_flops = self._hardware_flops_per_token(executed)  # type: ignore[arg-type]
-        m["perf/model_tflops_per_device"] = self.flops_per_token * tok_s / self.info.world_size / 1e12
-        m["perf/hardware_tflops_per_device"] = hw_flops * tok_s / self.info.world_size / 1e12
-        if self.peak_flops:  # MFU counts model FLOPs; HFU what ran (max-T loops, recompute)
-            m["perf/mfu"] = self.flops_per_token * tok_s / (self.peak_flops * self.info.world_size)
-            m["perf/hfu"] = hw_flops * tok_s / (self.peak_flops * self.info.world_size)
+            m["train/grad_norm"] = float(stats["grad_norm"])
         hist = {}
         if self.cfg.model.kind == "rdt":
             m["rdt/spectral_radius"] = self._spectral_radius()
-            for k, v in stats.items():
-                if k.startswith("rdt/"):
-                    m[k] = v
+            m.update({k: float(v) for k, v in stats.items() if k.startswith("rdt/")})
             if "hist/act_halt_steps" in stats:
-                h = stats["hist/act_halt_steps"]
+                h = stats["hist/act_halt_steps"].cpu()
                 hist["rdt/act_halt_steps"] = torch.repeat_interleave(torch.arange(len(h)), h).float()
         if self.loader.data.is_mixture:  # realised tokens per source (exact, rank-independent)
             for name, n in self.loader.tokens_per_source().items():
                 m[f"data/tokens/{name}"] = n
         self.logger.log(self.step, m, histograms=hist)
+        self.consumed.flush(self.step)
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
         self.logger.print(format_line(self.step, self.total_steps, m, eta))

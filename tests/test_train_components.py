@@ -1,0 +1,95 @@
+"""The trainer's components in isolation: throughput / MFU bookkeeping, run provenance and the
+consumed-data record (the end-to-end behaviour is in tests/test_train.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mythos.accounting import flops_per_token
+from mythos.model import load_model_config
+from mythos.train.audit import ConsumedRecord, ids_checksum, read_consumed
+from mythos.train.config import load_run_config
+from mythos.train.provenance import git_commit, run_info, section_hash, write_run_files
+from mythos.train.throughput import Throughput
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- throughput
+def test_throughput_window_metrics_and_mfu() -> None:
+    cfg = load_model_config("rdt-tiny", ["checkpoint_loops=true"])
+    tp = Throughput(cfg, seq_len=256, tokens_per_step=2048, world_size=2, peak_flops=1e12)
+    model = flops_per_token(cfg, 256).total
+    assert tp.model_flops_per_token == model
+    for seconds in (0.5, 1.5, 1.0):  # mean 1.0 s per step
+        tp.add_step(seconds, 0.25, executed=(6.0, 2.0))
+    m = tp.window_metrics()
+    assert m["perf/step_time_s"] == 1.0 and m["perf/tokens_per_s"] == 2048
+    assert m["perf/tokens_per_s_per_device"] == 1024 and m["perf/data_wait_frac"] == 0.25
+    assert m["perf/mfu"] == pytest.approx(1024 * model / 1e12)
+    hw = flops_per_token(cfg, 256, loops_mean=6.0, bwd_loops_mean=2.0, include_recompute=True).total
+    assert m["perf/hfu"] == pytest.approx(1024 * hw / 1e12) and hw > model  # 6 loops + recompute
+    # a new window starts empty: its numbers are its own steps only
+    tp.add_step(2.0, 0.0)
+    assert tp.window_metrics()["perf/step_time_s"] == 2.0
+
+
+def test_throughput_without_peak_reports_no_mfu() -> None:
+    tp = Throughput(load_model_config("dense-tiny"), seq_len=128, tokens_per_step=512, world_size=1, peak_flops=None)
+    tp.add_step(1.0, 0.0)
+    m = tp.window_metrics()
+    assert "perf/mfu" not in m and m["perf/hardware_tflops_per_device"] == pytest.approx(
+        m["perf/model_tflops_per_device"])  # dense, no checkpointing: what runs is what is charged
+
+
+# ---------------------------------------------------------------------------- provenance
+def test_provenance_files(tmp_path: Path) -> None:
+    cfg = load_run_config(REPO / "configs/run/rdt-tiny-cpu.yaml")
+    other = load_run_config(REPO / "configs/run/rdt-tiny-cpu.yaml", ["model.d_model=128"])
+    assert section_hash(cfg.model) == section_hash(load_run_config(REPO / "configs/run/rdt-tiny-cpu.yaml").model)
+    assert section_hash(cfg.model) != section_hash(other.model)
+    info = run_info(cfg, world_size=2, params=123)
+    assert info["world_size"] == 2 and info["model_hash"] == section_hash(cfg.model)
+    assert len(git_commit(REPO)) == 40
+    write_run_files(tmp_path / "run", cfg, {"train_batch_size": 8}, info)
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["params"] == 123
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["train_batch_size"] == 8
+    assert load_run_config(tmp_path / "run" / "config.resolved.yaml") == cfg
+
+
+# ---------------------------------------------------------------------------- consumed record
+def test_ids_checksum_is_an_order_free_multiset_checksum() -> None:
+    ids = np.arange(1000, 1512)
+    c = ids_checksum(ids)
+    assert c == ids_checksum(ids[::-1]) and c.is_integer()
+    assert c != ids_checksum(np.concatenate([ids[:-1], ids[:1]]))  # one sample repeated, one skipped
+    assert c < 2**53  # exact in the fp64 all-reduce
+
+
+def test_consumed_record_chains_resumes_and_refuses_wrong_data(tmp_path: Path) -> None:
+    steps = [ids_checksum(np.arange(s * 8, s * 8 + 8)) for s in range(6)]
+    ref = ConsumedRecord(tmp_path / "ref", enabled=True, resume_step=0, state=None)
+    (tmp_path / "ref").mkdir()
+    for s, c in enumerate(steps, start=1):
+        ref.add(s, c, c, 8)
+        ref.flush(s)
+    # a run that saved after step 3, crashed after writing step 4, and resumed from step 3
+    (tmp_path / "run").mkdir()
+    run = ConsumedRecord(tmp_path / "run", enabled=True, resume_step=0, state=None)
+    for s, c in enumerate(steps[:4], start=1):
+        run.add(s, c, c, 8)
+        if s == 3:
+            saved = run.state_dict()
+        run.flush(s)
+    run = ConsumedRecord(tmp_path / "run", enabled=True, resume_step=3, state=saved)
+    for s, c in enumerate(steps[3:], start=4):
+        run.add(s, c, c, 8)
+        run.flush(s)
+    assert read_consumed(tmp_path / "run") == read_consumed(tmp_path / "ref")
+    assert len(read_consumed(tmp_path / "ref")) == 6
+    with pytest.raises(RuntimeError, match="step 7: the ranks trained on samples that differ"):
+        run.add(7, steps[0], steps[1], 8)
