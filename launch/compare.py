@@ -15,8 +15,10 @@ Reads each run's ``run_info.json``, its metrics (``metrics.jsonl``; the TensorBo
 
 **Identical data is checked, not assumed.** Both runs' ``data_fingerprint`` (sha256 over the
 manifest's data hash and the first training samples in global order) and ``data_hash`` must be
-equal; otherwise the comparison is refused (exit 2, one line) unless ``--allow-different-data``,
-which writes the report labelled "DIFFERENT DATA". The same check applies to the ``--multihop`` pair.
+equal, and so must their records of what they *consumed* (``consumed.jsonl``: a running hash of
+the sample ids every step trained on) at every step both logged; otherwise the comparison is
+refused (exit 2, one line) unless ``--allow-different-data``, which writes the report labelled
+"DIFFERENT DATA". The same check applies to the ``--multihop`` pair.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from mythos.io import atomic_write_text  # noqa: E402
+from mythos.train.audit import read_consumed  # noqa: E402
 
 COLORS = ("tab:blue", "tab:orange")
 
@@ -123,13 +126,28 @@ def load_run(path: str | Path) -> Run:
 
 
 def data_check(a: Run, b: Run) -> tuple[bool, str]:
-    """``(identical, one-line description)`` from the data fingerprints and hashes."""
+    """``(identical, one-line description)``: the up-front data fingerprints and hashes must be
+    equal, and the runs' records of what they *consumed* (``consumed.jsonl``, a running hash of
+    the sample ids each step trained on; :mod:`mythos.train.audit`) must agree at every step both
+    recorded."""
     fa, fb = a.info.get("data_fingerprint"), b.info.get("data_fingerprint")
     ha, hb = a.info.get("data_hash"), b.info.get("data_hash")
-    if fa and fa == fb and ha == hb:
-        return True, f"identical data: fingerprint {fa[:16]} (data hash {str(ha)[:16]}) in both runs"
-    return False, (f"data fingerprints differ ({a.path}: {str(fa)[:16]}, {b.path}: {str(fb)[:16]}; "
-                   f"data hashes {str(ha)[:12]} vs {str(hb)[:12]})")
+    if not (fa and fa == fb and ha == hb):
+        return False, (f"data fingerprints differ ({a.path}: {str(fa)[:16]}, {b.path}: {str(fb)[:16]}; "
+                       f"data hashes {str(ha)[:12]} vs {str(hb)[:12]})")
+    line = f"identical data: fingerprint {fa[:16]} (data hash {str(ha)[:16]}) in both runs"
+    ca, cb = read_consumed(a.path), read_consumed(b.path)
+    if not ca or not cb:
+        missing = a.path if not ca else b.path
+        return True, f"{line}; no consumed-data record in {missing} (older run): only the fingerprint was checked"
+    common = sorted(set(ca) & set(cb))
+    bad = [s for s in common if ca[s] != cb[s]]
+    if bad:
+        return False, (f"the runs consumed different samples: consumed.jsonl records differ from step {bad[0]} "
+                       f"({a.path}: {ca[bad[0]][:12]}, {b.path}: {cb[bad[0]][:12]})")
+    if not common:
+        return True, f"{line}; consumed-data records share no logged step (different log_interval?)"
+    return True, f"{line}; consumed the same samples through step {common[-1]} (consumed.jsonl)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,25 @@ def test_different_data_is_refused_then_labelled(short_runs, tmp_path: Path) -> 
     assert "DIFFERENT DATA" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_consumed_data_records_are_compared(short_runs, tmp_path: Path) -> None:
+    """Same fingerprint is not enough: the runs' consumed.jsonl (running hash of the sample ids
+    every step trained on) must agree at every common step; one differing step is refused."""
+    proc = _compare(str(short_runs["rdt"]), str(short_runs["dense"]), "--out", str(tmp_path / "ok"))
+    assert proc.returncode == 0, proc.stderr
+    last = max(json.loads(ln)["step"] for ln in (short_runs["rdt"] / "consumed.jsonl").read_text().splitlines())
+    report = (tmp_path / "ok" / "report.md").read_text()
+    assert f"consumed the same samples through step {last} (consumed.jsonl)" in report
+    other = tmp_path / "other"
+    shutil.copytree(short_runs["dense"], other, ignore=shutil.ignore_patterns("checkpoints"))
+    rows = [json.loads(ln) for ln in (other / "consumed.jsonl").read_text().splitlines()]
+    rows[1]["sha"] = "f" * 64  # as if step rows[1]["step"] had trained on other samples
+    (other / "consumed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _compare(str(short_runs["rdt"]), str(other), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: the runs consumed different samples: consumed.jsonl records differ "
+                                  f"from step {rows[1]['step']}")
+
+
 def test_tensorboard_fallback_and_bad_run(short_runs, tmp_path: Path) -> None:
     tb_only = tmp_path / "tb"
     shutil.copytree(short_runs["dense"], tb_only, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from train_utils import (
@@ -148,10 +149,15 @@ def test_exact_resume_after_sigkill_and_signal(shards: Path, tmp_path: Path) -> 
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "stopping on signal" in out
+    # it really resumed (a trainer that ignored its checkpoints would reproduce the same losses)
+    resumed = [ln for ln in out.splitlines() if "resumed from" in ln]
+    assert len(resumed) == 1 and resumed[0].rstrip().endswith(("at step 3", "at step 6")), resumed
+    assert json.loads((run_dir / "run_info.json").read_text())["resumed_from"].endswith(("step0000003", "step0000006"))
     saved = ckpt.list_tags(run_dir / "checkpoints")[-1]
     assert 7 <= saved[0] < 20 and ckpt.is_complete(saved[1])
 
-    run_training(RDT, run_dir, shards, args)
+    last = run_training(RDT, run_dir, shards, args)
+    assert f"resumed from {saved[1]} at step {saved[0]}" in last.stdout
     assert train_losses(run_dir) == ref
     # the resumed segments never duplicate a step in metrics.jsonl
     steps = [m["step"] for m in metrics(run_dir) if "train/loss" in m]
@@ -160,14 +166,30 @@ def test_exact_resume_after_sigkill_and_signal(shards: Path, tmp_path: Path) -> 
     assert vals == {m["step"]: m["val/loss"] for m in metrics(ref_dir) if "val/loss" in m}
 
 
-def test_gradient_accumulation_is_token_weighted(shards: Path, tmp_path: Path) -> None:
-    """Same global batch as 2 ranks x 2 micro x accum 2 and as 2 ranks x 4 micro x accum 1."""
-    run_training(DENSE, tmp_path / "acc2", shards, ["train.max_steps=3"])
-    run_training(DENSE, tmp_path / "acc1", shards, ["train.max_steps=3", "train.micro_batch_size=4"])
-    a, b = train_losses(tmp_path / "acc2"), train_losses(tmp_path / "acc1")
-    assert a.keys() == b.keys()
-    for s in a:
-        assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
+def test_gradient_accumulation_is_token_weighted(data_corpus, tmp_path: Path) -> None:
+    """Same global batch as 2 ranks x 2 micro x accum 2 and as 2 ranks x 4 micro x accum 1, on
+    loss-masked samples whose micro-batches hold *different* numbers of label tokens: the step
+    losses and the gradient norms agree. (With equal token counts a per-micro-batch mean would
+    pass too, and AdamW hides a wrong overall scale in the loss; the gradient norm does not.)"""
+    from mythos.data.shard_writer import write_example_shards
+
+    g = np.random.default_rng(0)
+    rows = []
+    for _ in range(96):
+        n = int(g.integers(12, 64))
+        answer = int(g.integers(1, n - 2))  # 1 .. n-3 label tokens: very unequal per sample
+        rows.append((g.integers(4, 1000, n).tolist(), [0] * (n - answer) + [1] * answer))
+    shards = tmp_path / "masked"
+    write_example_shards(shards, data_corpus.tokenizer_model, {"train": rows, "val": rows[:16]}, seq_len=64)
+    args = ["train.max_steps=4", "data.shuffle=false"]
+    run_training(DENSE, tmp_path / "acc2", shards, args)
+    run_training(DENSE, tmp_path / "acc1", shards, [*args, "train.micro_batch_size=4"])
+    a, b = metrics(tmp_path / "acc2"), metrics(tmp_path / "acc1")
+    la, lb = ({m["step"]: (m["train/loss"], m["train/grad_norm"]) for m in x if "train/loss" in m} for x in (a, b))
+    assert la.keys() == lb.keys() == {1, 2, 3, 4}
+    for s in la:
+        assert la[s][0] == pytest.approx(lb[s][0], abs=1e-5), (s, la[s], lb[s])
+        assert la[s][1] == pytest.approx(lb[s][1], rel=1e-5), (s, la[s], lb[s])
 
 
 def test_nan_guard_skips_updates_then_stops(shards: Path, tmp_path: Path) -> None:
