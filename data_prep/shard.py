@@ -53,7 +53,7 @@ from data_prep.common import run_cli
 from data_prep.params import ShardParams
 from data_prep.partition import DEFAULT_UNIT_BYTES
 
-__all__ = ["ShardParams", "build_parser", "build_shards", "main"]
+__all__ = ["ShardParams", "build_parser", "build_shards", "cli", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,5 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """Console-script entry (``mythos-prep``): :func:`main` with one-line errors."""
+    return run_cli(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

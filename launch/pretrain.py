@@ -1,90 +1,18 @@
-"""Pretrain a dense baseline or an RDT with DeepSpeed.
+"""Pretrain from a checkout without installing: ``deepspeed --num_gpus 8 launch/pretrain.py --config ...``.
 
-    deepspeed --num_gpus 8 launch/pretrain.py --config configs/run/rdt-770m.yaml [key.sub=value ...]
-    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launch/pretrain.py \\
-        --config configs/run/rdt-tiny-cpu.yaml run_dir=/tmp/x train.max_steps=20
-
-Also runs under ``torchrun`` and as one SLURM ``srun`` task per device (launch/slurm/), since all
-of them provide RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Bad configs fail with
-one line (exit 2) before any process group starts. Any later error in a rank ends it at once with
-one `error:` line and exit 1, which ends the job (docs/slurm.md, "When one rank fails").
+A thin wrapper: the entry point is :mod:`mythos.train.cli` (installed: ``python -m mythos.train``,
+``deepspeed --module mythos.train``, ``torchrun -m mythos.train``); see its docstring for the forms,
+``--dry-run`` and the exit codes. This file only makes the checkout importable.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from mythos.config import ConfigError  # noqa: E402
-from mythos.train.config import load_run_config  # noqa: E402
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config YAML (configs/run/*.yaml)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
-    args, unknown = p.parse_known_args(argv)
-    bad = [u for u in unknown if "=" not in u]
-    if bad:
-        p.error(f"unrecognised arguments: {' '.join(bad)}")
-    return args, list(args.overrides) + unknown
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from mythos.train.trainer import Trainer, TrainingStopped
-
-    try:
-        cfg = load_run_config(args.config, overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        return fail(exc)
-    try:
-        trainer.fit()  # its `finally` stops the DataLoader workers on every exit path
-    except TrainingStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except Exception as exc:
-        return fail(exc)
-    return 0
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line. An exception raised in a DataLoader worker arrives re-raised
-    with the worker's whole traceback as its message; its last line holds the original message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[-1] if len(lines) > 1 and "Original Traceback" in lines[1] else (lines[0] if lines else "")
-    qualified = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    return f"{type(exc).__name__}: {text.removeprefix(qualified)}"
-
-
-def fail(exc: Exception) -> int:
-    """End this rank now, with exit 1 and one ``error:`` line. Expected failures (bad data, a
-    config discovered mid-run) print only that line; anything else gets its traceback first.
-
-    Exiting promptly is what ends the job: the other ranks' next collective fails at once
-    ("Connection closed by peer") instead of waiting for ``train.dist_timeout_s``, and the launcher
-    (``deepspeed``: on any non-zero exit; SLURM: ``srun --kill-on-bad-exit``) kills what is left."""
-    if not isinstance(exc, ConfigError):
-        traceback.print_exception(exc)
-    print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-    from mythos import dist
-
-    # force the exit only when this file is the process (not when a test imports main())
-    dist.shutdown(1, grace_s=15.0 if __name__ == "__main__" else None)
-    return 1
-
+from mythos.train.cli import fail, main, one_line, parse_args, run  # noqa: E402, F401 (re-exported)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -30,9 +30,13 @@ import yaml
 
 T = TypeVar("T")
 
-#: Repository root (holds ``configs/``). Preset names resolve against ``configs/`` here.
+#: Repository root of a checkout (repo-relative data paths such as ``data/demo/shards`` resolve
+#: here too); in an installed wheel it is site-packages, where those paths simply do not exist.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+#: The presets ship inside the package (wheel package data), so preset names and the
+#: ``configs/...`` paths that configs name resolve from any directory, installed or not; the
+#: checkout's top-level ``configs`` is a symlink to this directory.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 INCLUDE_KEY = "include"
 
@@ -68,6 +72,8 @@ def resolve_config_path(ref: str | Path, base_dir: Path | None = None, kind: str
         if base_dir is not None:
             candidates.append(base_dir / ref_p)
         candidates += [Path.cwd() / ref_p, REPO_ROOT / ref_p]
+        if ref_p.parts[0] == CONFIG_DIR.name:  # "configs/run/x.yaml": the shipped preset, from any cwd
+            candidates.append(CONFIG_DIR.joinpath(*ref_p.parts[1:]))
         if kind is not None:
             name = ref_p.name if ref_p.suffix in (".yaml", ".yml") else ref_p.name + ".yaml"
             candidates.append(CONFIG_DIR / kind / name)

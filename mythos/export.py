@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mythos.config import REPO_ROOT, ConfigError, dump_yaml, from_dict, load_config, load_yaml
+from mythos.config import ConfigError, dump_yaml, from_dict, load_config, load_yaml, resolve_config_path
 from mythos.data.tokenizer import Tokenizer
 from mythos.ds_checkpoint import (  # noqa: F401 - re-exported: the export API users know
     DS_SAFE_GLOBALS,
@@ -255,7 +255,7 @@ def run_tokenizer(run_config: str | Path) -> Tokenizer:
     raw = load_yaml(run_config)
     data = raw.get("data") or {}
     if isinstance(data, str):  # an include (config.yaml names configs/data/*.yaml)
-        data = load_yaml(data if Path(data).is_file() else REPO_ROOT / data)
+        data = load_yaml(resolve_config_path(data, Path(run_config).parent, kind="data"))
     sources = data.get("sources") or []
     shards = data.get("shards") or (sources[0].get("shards") if sources and isinstance(sources[0], dict) else None)
     if not shards:

@@ -12,12 +12,14 @@ from mythos.data import resolve_data
 from mythos.data.order import check_batch_geometry
 from mythos.train.config import RunConfig
 from mythos.train.ds_config import load_ds_file
+from mythos.train.wandb_log import check_wandb
 
 
 def check_run(cfg: RunConfig, world_size: int) -> dict:
     """Cross-checks that need the world size and the shards; returns the manifest summary.
     Raises :class:`ConfigError` with one line naming the key."""
     t = cfg.train
+    check_wandb(cfg.log.wandb)  # enabled but not installed: one line now, not a crash on rank 0 later
     check_batch_geometry(t.global_batch_size, t.micro_batch_size, world_size)
     data = resolve_data(cfg.data)  # manifests only; a mixture (data.sources) resolves its quotas here
     manifest, where = data.manifest, data.description

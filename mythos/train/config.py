@@ -114,11 +114,25 @@ class DeepSpeedSection:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """Optional Weights & Biases logging (rank 0; the same scalars as TensorBoard). Needs
+    ``pip install wandb`` only when ``mode`` is not ``disabled``."""
+
+    mode: Literal["disabled", "online", "offline"] = "disabled"
+    """``offline`` writes ``RUN_DIR/wandb/offline-run-*`` (upload later with ``wandb sync``)."""
+    project: str = "mythos"
+    entity: str = ""
+    """Team or user; empty = wandb's default entity."""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
 class LogConfig:
     tensorboard: bool = True
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s per device for MFU; 0 = look up the device name (unknown -> no MFU)."""
     console: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass(kw_only=True)

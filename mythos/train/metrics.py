@@ -1,4 +1,5 @@
-"""One logging path for training metrics: TensorBoard + ``metrics.jsonl`` + a console line.
+"""One logging path for training metrics: TensorBoard + ``metrics.jsonl`` + a console line, and
+optionally Weights & Biases (``log.wandb``; :mod:`mythos.train.wandb_log`) with the same scalars.
 
 Only rank 0 writes. On resume, TensorBoard's ``purge_step`` hides events the crashed run wrote
 after the checkpoint, and ``metrics.jsonl`` is rewritten to drop those steps, so every step
@@ -12,16 +13,25 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mythos.io import atomic_write_text
 
+if TYPE_CHECKING:
+    from mythos.train.config import WandbConfig
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, console: bool, resume_step: int) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, console: bool, resume_step: int,
+                 wandb: WandbConfig | None = None, run_name: str = "run", run_config: dict[str, Any] | None = None,
+                 ) -> None:
+        """``enabled``: this rank writes (rank 0). ``wandb``: ``log.wandb``; when its mode is not
+        ``disabled`` a W&B run named ``run_name`` (id derived from ``run_dir`` + name, so a resume
+        continues it) gets the same scalars, with ``run_config`` as its config."""
         self.enabled, self.console = enabled, console
         self.jsonl = run_dir / "metrics.jsonl"
         self.writer = None
+        self.wandb = None
         if not enabled:
             return
         if self.jsonl.exists():
@@ -33,6 +43,10 @@ class MetricsLogger:
             purge = resume_step + 1 if resume_step else None
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         self._file = self.jsonl.open("a")
+        if wandb is not None and wandb.mode != "disabled":
+            from mythos.train.wandb_log import WandbSink  # imports wandb: only when enabled
+
+            self.wandb = WandbSink(wandb, run_dir, run_name, run_config or {})
 
     def log(self, step: int, scalars: dict[str, float], *, histograms: dict[str, Any] | None = None) -> None:
         if not self.enabled:
@@ -45,6 +59,8 @@ class MetricsLogger:
             for k, values in (histograms or {}).items():
                 self.writer.add_histogram(k, values, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, clean)
         self._file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self._file.flush()
 
@@ -57,6 +73,8 @@ class MetricsLogger:
             return
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
         self._file.close()
 
 

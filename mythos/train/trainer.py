@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mythos import dist
-from mythos.config import ConfigError
+from mythos.config import ConfigError, to_dict
 from mythos.data import IGNORE_INDEX, build_train_loader, build_val_loader
 from mythos.data.order import Position
 from mythos.model import build_model
@@ -120,7 +120,8 @@ class Trainer:
         client = self._maybe_resume()
         main = self.info.is_main
         self.logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
-                                    console=cfg.log.console, resume_step=self.step)
+                                    console=cfg.log.console, resume_step=self.step,
+                                    wandb=cfg.log.wandb, run_name=cfg.name, run_config=to_dict(cfg))
         self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step,
                                        state=(client or {}).get("consumed"))
         self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
@@ -161,6 +162,21 @@ class Trainer:
         self.skipped_total = int(client.get("skipped_total", 0))
         self.resumed_from = str(path)
         return client
+
+    def _step_without_update(self) -> None:
+        """ZeRO-0 has no ZeRO optimizer to skip a non-finite step for us: drop the gradients (torch's
+        optimizers skip parameters without one) and step with clipping off for this call --
+        DeepSpeed's fp32 clipping takes its device from the first parameter that has a gradient
+        and fails when none has. The engine's step counters still advance, as on a good step."""
+        engine = self.engine
+        for p in engine.module.parameters():
+            p.grad = None
+        clip = engine._config.gradient_clipping
+        engine._config.gradient_clipping = 0.0
+        try:
+            engine.step()
+        finally:
+            engine._config.gradient_clipping = clip
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host batch tensor -> device without a host sync (CUDA: via pinned memory, non-blocking;
@@ -210,11 +226,11 @@ class Trainer:
             if k == len(micro_batches) - 1:
                 agreed = dist.all_reduce_sum(torch.stack([ce_sum, bad]))
                 ce_total, n_bad = agreed.tolist()
-                if n_bad > 0 and self.zero_stage == 0:
-                    for p in engine.module.parameters():  # no ZeRO optimizer to skip it for us
-                        p.grad = None
             skipped_before = engine.skipped_steps
-            engine.step()
+            if k == len(micro_batches) - 1 and n_bad > 0 and self.zero_stage == 0:
+                self._step_without_update()
+            else:
+                engine.step()
         stats = {"loss": ce_total / max(global_tokens, 1.0), "bad": n_bad > 0}
         stats["skipped"] = engine.skipped_steps > skipped_before or (n_bad > 0 and self.zero_stage == 0)
         gn = engine.get_global_grad_norm()

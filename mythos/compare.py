@@ -1,0 +1,433 @@
+"""Compare two training runs: a Markdown report with a table and plots.
+
+    mythos-compare RUN_A RUN_B --out report/ [--allow-different-data] \\
+        [--multihop RDT_TASK_RUN DENSE_TASK_RUN]
+
+``mythos-compare`` is the installed command; ``python -m mythos.compare`` and, in a checkout,
+``python launch/compare.py`` run the same :func:`main`.
+
+Reads each run's ``run_info.json``, its metrics (``metrics.jsonl``; the TensorBoard event files via
+``EventAccumulator`` when there is no jsonl) and, when present, ``eval/results.json`` from
+``python -m mythos.eval``. Writes ``report.md`` and PNG plots (matplotlib, Agg):
+
+- ``loss_vs_tokens.png``, ``loss_vs_flops.png``, ``loss_vs_wallclock.png``: train (lines) and val
+  (markers) loss of both runs;
+- ``loss_vs_loops.png``: val loss of the RDT per loop count (the dense run as a horizontal line);
+- ``multihop_accuracy.png``: exact-match accuracy vs hop count per model and loop count, from the
+  runs' eval results or from the ``--multihop`` pair (runs trained on a :mod:`mythos.tasks` task).
+
+**Identical data is checked, not assumed.** Both runs' ``data_fingerprint`` (sha256 over the
+manifest's data hash and the first training samples in global order) and ``data_hash`` must be
+equal, and so must their records of what they *consumed* (``consumed.jsonl``: a running hash of
+the sample ids every step trained on) at every step both logged; otherwise the comparison is
+refused (exit 2, one line) unless ``--allow-different-data``, which writes the report labelled
+"DIFFERENT DATA". The same check applies to the ``--multihop`` pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mythos.io import atomic_write_text
+from mythos.train.audit import read_consumed
+
+COLORS = ("tab:blue", "tab:orange")
+
+
+class CompareError(Exception):
+    """Bad input; the message is one line naming the run/file."""
+
+
+@dataclass
+class Run:
+    """Everything the report needs from one run directory."""
+
+    path: Path
+    info: dict[str, Any]
+    train: list[dict[str, float]] = field(default_factory=list)
+    """Rows with ``train/loss`` (step, time, train/tokens, train/flops, perf/*)."""
+    val: list[dict[str, float]] = field(default_factory=list)
+    """Rows with ``val/loss`` (+ ``val/loss@T``, ``val/bpb``); tokens/flops/time joined from train."""
+    eval: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or self.path.name)
+
+    @property
+    def kind(self) -> str:
+        return str(self.info.get("kind", "?"))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_jsonl(path: Path) -> list[dict[str, float]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise CompareError(f"{path} line {i}: not valid JSON") from None
+    return rows
+
+
+def _read_tensorboard(tb_dir: Path) -> list[dict[str, float]]:
+    """metrics.jsonl-shaped rows from TensorBoard scalars (``time`` = event wall time)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    by_step: dict[int, dict[str, float]] = {}
+    for tag in acc.Tags().get("scalars", []):
+        for ev in acc.Scalars(tag):
+            row = by_step.setdefault(ev.step, {"step": ev.step, "time": ev.wall_time})
+            row[tag] = ev.value
+            row["time"] = max(row["time"], ev.wall_time)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def load_run(path: str | Path) -> Run:
+    p = Path(path)
+    info_path = p / "run_info.json"
+    if not info_path.is_file():
+        raise CompareError(f"{info_path} not found: {p} is not a training run directory")
+    info = json.loads(info_path.read_text())
+    if (p / "metrics.jsonl").is_file():
+        rows = _read_jsonl(p / "metrics.jsonl")
+    elif (p / "tensorboard").is_dir():
+        rows = _read_tensorboard(p / "tensorboard")
+    else:
+        raise CompareError(f"{p} has neither metrics.jsonl nor tensorboard/ (did the run log anything?)")
+    train = [r for r in rows if "train/loss" in r]
+    if not train:
+        raise CompareError(f"{p}: no train/loss in the metrics")
+    val = []
+    for r in rows:
+        if "val/loss" not in r:
+            continue
+        prev = [t for t in train if t["step"] <= r["step"]]  # attach the x-axes of the step it was taken at
+        last = prev[-1] if prev else train[0]
+        val.append({**r, "train/tokens": last.get("train/tokens", math.nan), "train/flops": last.get("train/flops",
+                    math.nan), "time": r.get("time", last.get("time", math.nan))})
+    res_path = p / "eval" / "results.json"
+    ev = json.loads(res_path.read_text()) if res_path.is_file() else None
+    return Run(p, info, train, val, ev)
+
+
+def data_check(a: Run, b: Run) -> tuple[bool, str]:
+    """``(identical, one-line description)``: the up-front data fingerprints and hashes must be
+    equal, and the runs' records of what they *consumed* (``consumed.jsonl``, a running hash of
+    the sample ids each step trained on; :mod:`mythos.train.audit`) must agree at every step both
+    recorded."""
+    fa, fb = a.info.get("data_fingerprint"), b.info.get("data_fingerprint")
+    ha, hb = a.info.get("data_hash"), b.info.get("data_hash")
+    if not (fa and fa == fb and ha == hb):
+        return False, (f"data fingerprints differ ({a.path}: {str(fa)[:16]}, {b.path}: {str(fb)[:16]}; "
+                       f"data hashes {str(ha)[:12]} vs {str(hb)[:12]})")
+    line = f"identical data: fingerprint {fa[:16]} (data hash {str(ha)[:16]}) in both runs"
+    ca, cb = read_consumed(a.path), read_consumed(b.path)
+    if not ca or not cb:
+        missing = a.path if not ca else b.path
+        return True, f"{line}; no consumed-data record in {missing} (older run): only the fingerprint was checked"
+    common = sorted(set(ca) & set(cb))
+    bad = [s for s in common if ca[s] != cb[s]]
+    if bad:
+        return False, (f"the runs consumed different samples: consumed.jsonl records differ from step {bad[0]} "
+                       f"({a.path}: {ca[bad[0]][:12]}, {b.path}: {cb[bad[0]][:12]})")
+    if not common:
+        return True, f"{line}; consumed-data records share no logged step (different log_interval?)"
+    return True, f"{line}; consumed the same samples through step {common[-1]} (consumed.jsonl)"
+
+
+# ---------------------------------------------------------------------------------------------
+# table
+
+
+def _median(rows: list[dict[str, float]], key: str) -> float | None:
+    vals = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+    return statistics.median(vals) if vals else None
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, spec)
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """The table's numbers for one run (None where unavailable)."""
+    last = run.train[-1]
+    wall = last.get("time", math.nan) - run.info.get("start_time", run.train[0].get("time", math.nan))
+    ev = run.eval or {}
+    lm = ev.get("lm") or {}
+    s: dict[str, Any] = {
+        "name": run.name, "kind": run.kind, "params": run.info.get("params"),
+        "tokens": last.get("train/tokens"), "flops": last.get("train/flops"),
+        "flops_per_token": run.info.get("flops_per_token"),
+        "train_loss": last["train/loss"],
+        "val_loss": run.val[-1]["val/loss"] if run.val else None,
+        "val_bpb": run.val[-1].get("val/bpb") if run.val else None,
+        "eval_loss": lm.get("loss"), "eval_bpb": lm.get("bpb"), "eval_ppl": lm.get("ppl"),
+        "eval_checkpoint": ev.get("checkpoint"),
+        "wall_s": wall if math.isfinite(wall) else None,
+        "tokens_per_s": _median(run.train, "perf/tokens_per_s"),
+        "mfu": _median(run.train, "perf/mfu"),
+        "world_size": run.info.get("world_size"),
+    }
+    by_loops = lm.get("by_loops") or {}
+    if by_loops:
+        best = min(by_loops, key=lambda t: by_loops[t]["loss"])
+        s["best_loops"], s["best_loops_loss"] = int(best), by_loops[best]["loss"]
+    return s
+
+
+def table(sa: dict[str, Any], sb: dict[str, Any]) -> str:
+    rows = [
+        ("model", lambda s: f"{s['name']} ({s['kind']})"),
+        ("parameters", lambda s: _fmt(s["params"] / 1e6 if s["params"] else None, ".2f") + "M"),
+        ("tokens trained", lambda s: _fmt(s["tokens"], ",.0f")),
+        ("training FLOPs (model)", lambda s: _fmt(s["flops"], ".3e")),
+        ("FLOPs per token (model)", lambda s: _fmt(s["flops_per_token"], ".3e")),
+        ("final train loss", lambda s: _fmt(s["train_loss"])),
+        ("final val loss (training eval)", lambda s: _fmt(s["val_loss"])),
+        ("final val bpb (training eval)", lambda s: _fmt(s["val_bpb"])),
+        ("eval val loss (mythos.eval)", lambda s: _fmt(s["eval_loss"])),
+        ("eval val bpb (mythos.eval)", lambda s: _fmt(s["eval_bpb"])),
+        ("eval perplexity", lambda s: _fmt(s["eval_ppl"], ".2f")),
+        ("best RDT loop count (eval loss)", lambda s: f"T={s['best_loops']}: {s['best_loops_loss']:.4f}"
+            if "best_loops" in s else "-"),
+        ("wall time", lambda s: _fmt(s["wall_s"], ".0f") + " s"),
+        ("median tokens/s", lambda s: _fmt(s["tokens_per_s"], ",.0f")),
+        ("median MFU", lambda s: _fmt(100 * s["mfu"], ".1f") + " %" if s["mfu"] is not None
+            else "n/a (no peak FLOP/s: CPU)"),
+        ("world size", lambda s: str(s["world_size"])),
+    ]
+    out = [f"| | {sa['name']} | {sb['name']} |", "|---|---:|---:|"]
+    out += [f"| {label} | {fn(sa)} | {fn(sb)} |" for label, fn in rows]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def plot_loss(runs: Sequence[Run], x_key: str, xlabel: str, path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for run, color in zip(runs, COLORS):
+        t0 = run.info.get("start_time", run.train[0].get("time", 0.0))
+        xs = [(r["time"] - t0) if x_key == "time" else r.get(x_key, math.nan) for r in run.train]
+        ax.plot(xs, [r["train/loss"] for r in run.train], color=color, alpha=0.8, lw=1.2, label=f"{run.name} train")
+        if run.val:
+            vx = [(r["time"] - t0) if x_key == "time" else r.get(x_key, math.nan) for r in run.val]
+            ax.plot(vx, [r["val/loss"] for r in run.val], "o--", color=color, ms=5, label=f"{run.name} val")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    if x_key == "train/flops":
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _loop_curve(run: Run) -> dict[int, float]:
+    """RDT val loss per loop count: eval results, else the last training eval's ``val/loss@T``."""
+    by = ((run.eval or {}).get("lm") or {}).get("by_loops")
+    if by:
+        return {int(t): v["loss"] for t, v in by.items()}
+    if run.val:
+        return {int(k.split("@")[1]): v for k, v in run.val[-1].items() if k.startswith("val/loss@")}
+    return {}
+
+
+def plot_loops(runs: Sequence[Run], path: Path) -> bool:
+    curves = [(r, _loop_curve(r)) for r in runs if r.kind == "rdt"]
+    curves = [(r, c) for r, c in curves if c]
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (run, curve), color in zip(curves, COLORS):
+        ts = sorted(curve)
+        ax.plot(ts, [curve[t] for t in ts], "o-", color=color, label=f"{run.name} (RDT)")
+    for run in runs:
+        if run.kind == "dense":
+            s = summarize(run)
+            y = s["eval_loss"] if s["eval_loss"] is not None else s["val_loss"]
+            if y is not None:
+                ax.axhline(y, color="gray", ls="--", label=f"{run.name} (dense)")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({t for _, c in curves for t in c})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("loop count T at evaluation")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title("RDT validation loss vs test-time loops")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_multihop(runs: Sequence[Run], path: Path) -> bool:
+    """Accuracy vs hops per (run, loop count); the training hop range is shaded."""
+    data = [(r, r.eval["multihop"]) for r in runs if r.eval and r.eval.get("multihop")]
+    if not data:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    cmap = plt.get_cmap("viridis")
+    train_hops = data[0][1].get("train_hops") or []
+    if train_hops:
+        ax.axvspan(min(train_hops) - 0.5, max(train_hops) + 0.5, color="0.92", label="trained hop counts")
+    for run, mh in data:
+        acc = mh["accuracy"]
+        keys = list(acc)
+        for i, key in enumerate(keys):
+            hops = sorted(acc[key], key=int)
+            ys = [acc[key][h] for h in hops]
+            if run.kind == "rdt":
+                color = cmap(i / max(len(keys) - 1, 1))
+                ax.plot([int(h) for h in hops], ys, "o-", color=color, ms=3, lw=1.2, label=f"{run.name} T={key}")
+            else:
+                ax.plot([int(h) for h in hops], ys, "s--", color="crimson", lw=2, label=f"{run.name}")
+    chance = data[0][1].get("chance")
+    if chance:
+        ax.axhline(chance, color="k", ls=":", lw=1, label=f"chance ({chance:.2f})")
+    ax.set_xlabel("hops")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{data[0][1].get('task', 'multi-hop')}: accuracy vs hops (per test-time loop count)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def multihop_table(runs: Sequence[Run]) -> str:
+    data = [(r, r.eval["multihop"]) for r in runs if r.eval and r.eval.get("multihop")]
+    if not data:
+        return ""
+    hops = list(data[0][1]["count"])
+    out = [f"| model | T | {' | '.join(hops)} |", "|---|---|" + "---:|" * len(hops)]
+    for run, mh in data:
+        for key, acc in mh["accuracy"].items():
+            out.append(f"| {run.name} | {key} | " + " | ".join(_fmt(acc.get(h), ".2f") for h in hops) + " |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def build_report(a: Run, b: Run, out: Path, *, identical: bool, data_line: str,
+                 task_pair: tuple[Run, Run] | None = None, task_identical: bool = True, task_line: str = "") -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    runs = (a, b)
+    label = "identical-data comparison" if identical else "DIFFERENT DATA (not an identical-data comparison)"
+    sa, sb = summarize(a), summarize(b)
+    lines = [f"# {a.name} vs {b.name}: {label}", "", f"- Data: {data_line}",
+             f"- Runs: `{a.path}` and `{b.path}`", ""]
+    if not identical:
+        lines += ["> **Warning:** the runs did not see the same data; differences below mix model and data "
+                  "effects.", ""]
+    lines += ["## Summary", "", table(sa, sb), "",
+              "FLOPs are model FLOPs (mythos.accounting; the RDT at its expected loop count). "
+              "`eval` rows come from `python -m mythos.eval` (whole val split, bits per byte from exact "
+              "per-token byte counts); `training eval` rows are the trainer's last periodic eval.", ""]
+    plots = [("loss_vs_tokens.png", "train/tokens", "tokens", "Loss vs tokens"),
+             ("loss_vs_flops.png", "train/flops", "training FLOPs (model)", "Loss vs training FLOPs"),
+             ("loss_vs_wallclock.png", "time", "wall-clock seconds", "Loss vs wall-clock")]
+    lines += ["## Loss curves", ""]
+    for fname, key, xlabel, title in plots:
+        plot_loss(runs, key, xlabel, out / fname, title)
+        lines += [f"![{title}]({fname})", ""]
+    if plot_loops(runs, out / "loss_vs_loops.png"):
+        lines += ["## RDT: validation loss vs test-time loop count", "", "![loss vs loops](loss_vs_loops.png)", ""]
+        for run in runs:
+            curve = _loop_curve(run)
+            if curve:
+                lines.append(f"- {run.name}: " + ", ".join(f"T={t}: {curve[t]:.4f}" for t in sorted(curve)))
+        lines.append("")
+    mh_runs: Sequence[Run] = runs
+    if task_pair is not None:
+        mh_runs = task_pair
+        lines += ["## Depth extrapolation (multi-hop task)", "",
+                  f"- Runs: `{task_pair[0].path}` and `{task_pair[1].path}`",
+                  f"- Data: {task_line}" + ("" if task_identical else " -- DIFFERENT DATA"), ""]
+        ts = [summarize(r) for r in task_pair]
+        lines += [table(ts[0], ts[1]), ""]
+    if plot_multihop(mh_runs, out / "multihop_accuracy.png"):
+        if task_pair is None:
+            lines += ["## Multi-hop accuracy", ""]
+        lines += ["![multi-hop accuracy](multihop_accuracy.png)", "", "Exact-match accuracy per hop count "
+                  "(columns) and test-time loop count T (rows; `default` = the model's only depth):", "",
+                  multihop_table(mh_runs), ""]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_a")
+    ap.add_argument("run_b")
+    ap.add_argument("--out", required=True, help="report directory (report.md + PNGs)")
+    ap.add_argument("--allow-different-data", action="store_true",
+                    help="write the report even if the data fingerprints differ (labelled as such)")
+    ap.add_argument("--multihop", nargs=2, metavar=("RUN_C", "RUN_D"),
+                    help="a pair of runs trained on a mythos.tasks task: adds the depth-extrapolation section")
+    a = ap.parse_args(argv)
+    try:
+        ra, rb = load_run(a.run_a), load_run(a.run_b)
+        identical, line = data_check(ra, rb)
+        if not identical and not a.allow_different_data:
+            raise CompareError(f"{line}; refusing an identical-data comparison (pass --allow-different-data to "
+                               f"write a report labelled as such)")
+        pair, t_ident, t_line = None, True, ""
+        if a.multihop:
+            pair = (load_run(a.multihop[0]), load_run(a.multihop[1]))
+            t_ident, t_line = data_check(*pair)
+            if not t_ident and not a.allow_different_data:
+                raise CompareError(f"--multihop runs: {t_line}; refusing (pass --allow-different-data)")
+        report = build_report(ra, rb, Path(a.out), identical=identical, data_line=line, task_pair=pair,
+                              task_identical=t_ident, task_line=t_line)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report} ({'identical data' if identical else 'DIFFERENT DATA'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
