@@ -4,6 +4,10 @@ Tokens are dispatched by sorting on expert id (no capacity limit, so no token is
 every expert is called every forward, possibly on zero tokens: ZeRO-3 gathers parameters on
 module entry, so a data-dependent set of called modules would make ranks diverge and thrash its
 prefetch trace.
+
+Host sync: the per-expert token counts decide the dispatch slices (``counts.tolist()``), one
+device-to-host copy per MoE call on GPU -- the one sync the RDT's hot path has with MoE enabled
+(off by default). A capacity-based dispatch (fixed slice sizes, dropped tokens) would avoid it.
 """
 
 from __future__ import annotations
