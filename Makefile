@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test lint demo data clean gpu-check
+.PHONY: install test test-fast test-e2e lint demo data clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,9 +20,19 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check .
 
+# CI (.ci/run): lint + every tier (tests/unit, then tests/e2e); see docs/testing.md
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# the unit tier only (no launcher, no cluster): a few minutes on 2 cores
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests/unit
+
+# the end-to-end tier only (real 2-rank deepspeed launches, the local SLURM cluster)
+test-e2e: install
+	$(BIN)/python -m pytest -q tests/e2e
 
 data: install
 	$(BIN)/python -m data_prep.demo_corpus

@@ -4,8 +4,8 @@
 #   bash bench/gpu_check.sh [OUT_DIR]          # or: make gpu-check
 #
 # 1. the `gpu`-marked tests: a 1-GPU DeepSpeed bf16 run of both tiny models with
-#    train.compile=true, resumed from its middle checkpoint (tests/test_gpu.py), and
-#    `python -m mythos.eval --device cuda` (bf16 and fp32 against CPU; tests/test_eval.py);
+#    train.compile=true, resumed from its middle checkpoint (tests/e2e/test_gpu.py), and
+#    `python -m mythos.eval --device cuda` (bf16 and fp32 against CPU; tests/e2e/test_eval.py);
 # 2. bench/gpu_mfu.py for dense-1.3b and rdt-770m at seq 2048, bf16, compile off (compile on
 #    takes minutes per model: run `python bench/gpu_mfu.py` separately for it);
 # 3. one summary table (also in OUT_DIR/summary.md).
@@ -25,7 +25,7 @@ fi
 start=$(date +%s)
 
 tests_rc=0
-"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_eval.py 2>&1 \
+"$PY" -m pytest -q -m gpu -p no:cacheprovider tests/e2e/test_gpu.py tests/e2e/test_eval.py 2>&1 \
     | tee "$OUT/gpu_tests.log" || tests_rc=$?
 tests_line=$(grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -1)
 tests_s=$(( $(date +%s) - start ))

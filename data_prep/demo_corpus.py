@@ -20,7 +20,6 @@ is retrained only if its inputs changed, and sharding skips complete shards.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gzip
 import importlib.util
@@ -45,6 +44,7 @@ from data_prep.common import (
 )
 from data_prep.shard import ShardParams, build_shards
 from data_prep.train_tokenizer import TokenizerParams, train_tokenizer
+from mythos.cli_common import ArgumentParser
 from mythos.data.tokenizer import CARD_FILE, TOKENIZER_FILE
 
 
@@ -356,15 +356,21 @@ def build_demo(
     return summary
 
 
+def build_parser() -> ArgumentParser:
+    """The ``python -m data_prep.demo_corpus`` argument parser."""
+    p = ArgumentParser(prog="python -m data_prep.demo_corpus", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="data/demo", metavar="DIR", help="output directory (tokenizer + shards)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary size")
+    p.add_argument("--seq-len", type=int, default=256, help="model context of the shards")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for val")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer worker processes (default: CPU count - 1)")
+    p.add_argument("--sources", nargs="+", choices=tuple(SOURCES), default=list(SOURCES),
+                   help="which bundled text sources to include")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.demo_corpus", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="data/demo")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--sources", nargs="+", choices=tuple(SOURCES), default=list(SOURCES))
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     build_demo(Path(a.out), a.vocab_size, a.seq_len, a.val_fraction, a.workers, a.sources)
     return 0
 

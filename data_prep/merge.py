@@ -33,6 +33,7 @@ from typing import Any
 from data_prep.common import DataPrepError, run_cli, sha256_file
 from data_prep.output import PARTIAL_VERSION, finish_build, split_summary
 from data_prep.partition import PARTITIONS_DIR
+from mythos.cli_common import ArgumentParser
 from mythos.data.format import SPLITS
 from mythos.data.shard_writer import write_manifest
 
@@ -230,9 +231,12 @@ def merge_partitions(out_dir: str | Path, verify: str = "full") -> dict[str, Any
     return manifest
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.merge", description=__doc__.split("\n")[0])
-    p.add_argument("out", help="the --out directory of the partitioned data_prep.shard runs")
+def build_parser() -> ArgumentParser:
+    """The ``python -m data_prep.merge`` argument parser."""
+    p = ArgumentParser(prog="python -m data_prep.merge", description=__doc__.split("\n")[0])
+    p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
+                   help="the --out directory of the partitioned data_prep.shard runs")
+    p.add_argument("out", nargs="?", default=None, help=argparse.SUPPRESS)  # the older positional spelling
     p.add_argument(
         "--verify",
         choices=("full", "size"),
@@ -243,8 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    merge_partitions(a.out, a.verify)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if (a.out is None) == (a.out_dir is None):
+        p.error("give the shard directory once: --out DIR")
+    merge_partitions(a.out_dir or a.out, a.verify)
     return 0
 
 

@@ -43,7 +43,6 @@ manifest records) and :mod:`mythos.data.shard_writer` (step 5: the shard bytes, 
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import sys
 from collections.abc import Sequence
@@ -52,31 +51,36 @@ from data_prep.build import build_shards
 from data_prep.common import run_cli
 from data_prep.params import ShardParams
 from data_prep.partition import DEFAULT_UNIT_BYTES
+from mythos.cli_common import ArgumentParser
 
 __all__ = ["ShardParams", "build_parser", "build_shards", "cli", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    """The ``mythos-prep`` / ``python -m data_prep.shard`` argument parser."""
+    p = ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
     p.add_argument("--input", nargs="+", required=True, help="text/jsonl (.gz/.zst) or parquet files, or directories")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     p.add_argument("--seq-len", type=int, required=True, help="model context; samples hold seq_len+1 tokens")
-    p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1))
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for val")
+    p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1),
+                   help="tokenizer worker processes (default: CPU count - 1)")
     p.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (approx.)")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--on-bad-utf8", choices=("error", "replace", "skip"), default="error")
+    p.add_argument("--on-bad-utf8", choices=("error", "replace", "skip"), default="error",
+                   help="invalid UTF-8 input: stop, replace the bad bytes, or skip the document")
     p.add_argument(
         "--plain-docs",
         choices=("paragraph", "file"),
         default="paragraph",
         help="document unit for plain text: blank-line separated paragraph, or whole file",
     )
-    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                   help="token id dtype on disk (auto: uint16 when the vocab fits)")
     p.add_argument("--seed", type=int, default=0, help="seed of the val split hash")
     p.add_argument("--overwrite", action="store_true", help="replace shards of a different build in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     g = p.add_argument_group("filters (recorded in the manifest; see data_prep.partition)")
     g.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (characters)")
     g.add_argument(
@@ -85,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="drop exact duplicates within each partition, or across the run (hash-assigned partitions)",
     )
-    g = p.add_argument_group("partitioned builds (SLURM arrays; merge with python -m data_prep.merge OUT)")
+    g = p.add_argument_group("partitioned builds (SLURM arrays; merge with python -m data_prep.merge --out OUT)")
     g.add_argument("--num-partitions", type=int, default=0, help="total partitions N (part of the build identity)")
-    g.add_argument("--partition", type=int, default=None, help="build only partition i in 0..N-1 (no merge)")
+    g.add_argument("--partition", type=int, default=None,
+                   help="build only partition i in 0..N-1 (no merge; default: all)")
     g.add_argument("--unit-bytes", type=int, default=DEFAULT_UNIT_BYTES, help="work-unit size for partitioning")
     return p
 

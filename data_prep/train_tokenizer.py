@@ -17,7 +17,6 @@ inputs with sizes and sha256, all parameters). Fixed choices, and why:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import sys
@@ -37,6 +36,7 @@ from data_prep.common import (
     sha256_bytes,
 )
 from data_prep.sources import SourceOptions, iter_documents
+from mythos.cli_common import ArgumentParser
 from mythos.data.tokenizer import CARD_FILE, TOKENIZER_FILE
 
 CARD_VERSION = 1
@@ -128,18 +128,21 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, params: T
     return card
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.train_tokenizer", description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    """The ``mythos-tokenizer`` / ``python -m data_prep.train_tokenizer`` argument parser."""
+    p = ArgumentParser(prog="python -m data_prep.train_tokenizer", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="text/jsonl(.gz) files or directories")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     p.add_argument("--out", required=True, help="output directory (tokenizer.model, card.json)")
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="sentencepiece model type")
     p.add_argument("--sample-size", type=int, default=0, help="max training sentences (0 = all)")
     p.add_argument("--special", nargs="*", default=[], help="extra user-defined special tokens")
-    p.add_argument("--character-coverage", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--character-coverage", type=float, default=1.0,
+                   help="fraction of characters covered by the vocab (the rest byte-fallback)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sentence sample")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (jsonl inputs)")
-    p.add_argument("--on-bad-utf8", choices=("error", "replace", "skip"), default="error")
+    p.add_argument("--on-bad-utf8", choices=("error", "replace", "skip"), default="error",
+                   help="invalid UTF-8 input: stop, replace the bad bytes, or skip the document")
     return p
 
 

@@ -52,7 +52,7 @@ done
 bash launch/multihop.sh
 
 phase "5/5 report"
-"$PY" launch/compare.py runs/demo/rdt-tiny runs/demo/dense-tiny --out runs/demo/report \
+"$PY" launch/compare.py --a runs/demo/rdt-tiny --b runs/demo/dense-tiny --out runs/demo/report \
   --multihop runs/demo/rdt-multihop runs/demo/dense-multihop
 echo "report: runs/demo/report/report.md (plots beside it)"
 

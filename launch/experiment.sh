@@ -70,7 +70,7 @@ done
 
 phase 6 "reports (launch/compare.py, one per seed; multi-hop pair in each)"
 for seed in $SEEDS; do
-  "$PY" launch/compare.py "$OUT/rdt-analogue-s${seed}" "$OUT/dense-analogue-s${seed}" \
+  "$PY" launch/compare.py --a "$OUT/rdt-analogue-s${seed}" --b "$OUT/dense-analogue-s${seed}" \
     --out "$OUT/report-s${seed}" --multihop "$OUT/rdt-pointer" "$OUT/dense-pointer"
   echo "report: $OUT/report-s${seed}/report.md"
 done

@@ -59,15 +59,14 @@ sequence runs the global batch's ``max T`` -- ~1.6x the core work at Poisson(8),
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from mythos.cli_common import ArgumentParser, fail
 from mythos.model.build import build_model, load_model_config
 from mythos.model.config import LoopConfig, ModelConfig
 from mythos.model.loops import executed_loops as step_executed_loops
@@ -445,16 +444,22 @@ def _table(cfgs: Sequence[ModelConfig], seq_len: int, global_batches: Sequence[i
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The ``mythos-accounting`` argument parser."""
+    parser = ArgumentParser(
         prog="python -m mythos.accounting",
         description="Parameter counts and training FLOPs per token of configs (docs/design.md, 'FLOPs accounting').",
     )
     parser.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                         help="model YAMLs or preset names; key=value overrides apply to all of them")
-    parser.add_argument("--seq-len", type=int, default=0, help="sequence length (default: max_seq_len)")
+    parser.add_argument("--seq-len", type=int, default=0, help="sequence length (0 = each model's max_seq_len)")
     parser.add_argument("--global-batch", default="8,64,512",
                         help="RDT: global batch sizes of the executed/model FLOPs rows (default %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # configs and overrides may follow --seq-len
     overrides = [a for a in args.items if "=" in a]
     paths = [a for a in args.items if "=" not in a]
@@ -463,16 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfgs = [load_model_config(p, overrides) for p in paths]
     except ValueError as exc:  # ConfigError: already one line
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     by_len: dict[int, list[ModelConfig]] = {}
     for cfg in cfgs:
         by_len.setdefault(args.seq_len or cfg.max_seq_len, []).append(cfg)
     try:
         batches = [int(b) for b in args.global_batch.split(",") if b.strip()]
     except ValueError:
-        print(f"error: --global-batch must be comma-separated integers, got '{args.global_batch}'", file=sys.stderr)
-        return 2
+        return fail(f"--global-batch must be comma-separated integers, got '{args.global_batch}'")
     print("\n\n".join(_table(group, seq_len, batches) for seq_len, group in by_len.items()))
     print("\nConventions: lookups (token/value embeddings) are not FLOPs; the LM head is a matmul; "
           "attention counts the full SxS scores (no causal halving); RDT uses E[T] forward and "

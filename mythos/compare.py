@@ -1,7 +1,9 @@
 """Compare two training runs: a Markdown report with a table and plots.
 
-    mythos-compare RUN_A RUN_B --out report/ [--allow-different-data] \\
+    mythos-compare --a RUN_A --b RUN_B --out report/ [--allow-different-data] \\
         [--multihop RDT_TASK_RUN DENSE_TASK_RUN]
+
+(``mythos-compare RUN_A RUN_B ...``, the older positional form, still works.)
 
 ``mythos-compare`` is the installed command; ``python -m mythos.compare`` and, in a checkout,
 ``python launch/compare.py`` run the same :func:`main`.
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mythos.cli_common import ArgumentParser, fail
 from mythos.io import atomic_write_text
 from mythos.train.audit import read_consumed
 
@@ -398,16 +401,31 @@ def build_report(a: Run, b: Run, out: Path, *, identical: bool, data_line: str,
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_a")
-    ap.add_argument("run_b")
-    ap.add_argument("--out", required=True, help="report directory (report.md + PNGs)")
+def build_parser() -> ArgumentParser:
+    """The ``mythos-compare`` argument parser."""
+    ap = ArgumentParser(prog="mythos-compare", description=__doc__)
+    ap.add_argument("--a", default=None, metavar="RUN_DIR", help="run directory of arm A (e.g. the RDT)")
+    ap.add_argument("--b", default=None, metavar="RUN_DIR", help="run directory of arm B (e.g. the dense baseline)")
+    ap.add_argument("run_a", nargs="?", default=None, help=argparse.SUPPRESS)  # the older positional spelling
+    ap.add_argument("run_b", nargs="?", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", required=True, metavar="DIR", help="report directory (report.md + PNGs)")
     ap.add_argument("--allow-different-data", action="store_true",
                     help="write the report even if the data fingerprints differ (labelled as such)")
     ap.add_argument("--multihop", nargs=2, metavar=("RUN_C", "RUN_D"),
                     help="a pair of runs trained on a mythos.tasks task: adds the depth-extrapolation section")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_intermixed_args(argv)  # RUN_A --out DIR RUN_B (the positional form) still parses
+    positional = [r for r in (a.run_a, a.run_b) if r is not None]
+    flagged = [r for r in (a.a, a.b) if r is not None]
+    if positional and flagged:
+        ap.error("give the two runs as --a RUN_A --b RUN_B (or both positionally), not mixed")
+    a.run_a, a.run_b = (a.a, a.b) if flagged else (a.run_a, a.run_b)
+    if a.run_a is None or a.run_b is None:
+        ap.error("the two runs are required: --a RUN_A --b RUN_B")
     try:
         ra, rb = load_run(a.run_a), load_run(a.run_b)
         identical, line = data_check(ra, rb)
@@ -423,8 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_report(ra, rb, Path(a.out), identical=identical, data_line=line, task_pair=pair,
                               task_identical=t_ident, task_line=t_line)
     except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(f"wrote {report} ({'identical data' if identical else 'DIFFERENT DATA'})")
     return 0
 

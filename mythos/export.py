@@ -11,11 +11,13 @@
   (:mod:`mythos.hf_tokenizer`: encodes exactly like our sentencepiece model) and
   ``generation_config.json``, so ``AutoTokenizer``, ``lm_eval --model hf`` and serving stacks load
   it as it is.
-- CLI: ``python -m mythos.export --checkpoint RUN_DIR/checkpoints/TAG --out DIR [--hf-llama]
-  [--tokenizer PATH]`` consolidates a DeepSpeed checkpoint (ZeRO 1-3 shards via ``zero_to_fp32``;
-  without ZeRO shards the module weights in ``mp_rank_00_model_states.pt``) and writes one of the
-  two layouts. ``--hf-llama`` takes the tokenizer the run's shards were built with (found and
-  sha256-checked via ``data.shards``'s manifest) unless ``--tokenizer`` names one.
+- CLI: ``python -m mythos.export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf-llama]
+  [--tokenizer PATH]`` (or ``--checkpoint RUN_DIR/checkpoints/TAG`` without ``--run``; the tag is
+  resolved like eval's, :func:`mythos.cli_common.resolve_checkpoint`) consolidates a DeepSpeed
+  checkpoint (ZeRO 1-3 shards via ``zero_to_fp32``; without ZeRO shards the module weights in
+  ``mp_rank_00_model_states.pt``) and writes one of the two layouts. ``--hf-llama`` takes the
+  tokenizer the run's shards were built with (found and sha256-checked via ``data.shards``'s
+  manifest) unless ``--tokenizer`` names one.
 
 DeepSpeed's checkpoint files are pickles: they are read through :mod:`mythos.ds_checkpoint`
 (``weights_only`` loads with a small allow-list; ``--trust-checkpoint`` turns that off -- load only
@@ -28,7 +30,6 @@ complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mythos.cli_common import ArgumentParser, fail, resolve_checkpoint
 from mythos.config import ConfigError, dump_yaml, from_dict, load_config, load_yaml, resolve_config_path
 from mythos.data.tokenizer import Tokenizer
 from mythos.ds_checkpoint import (  # noqa: F401 - re-exported: the export API users know
@@ -282,21 +284,27 @@ def model_config_from_file(path: str | Path) -> ModelConfig:
     return load_config(ModelConfig, path)
 
 
-def _find_run_config(ckpt: Path) -> Path:
-    run_dir = ckpt.parent.parent  # RUN_DIR/checkpoints/TAG
+def _find_run_config(run_dir: Path) -> Path:
     for name in ("config.resolved.yaml", "config.yaml"):
         if (run_dir / name).is_file():
             return run_dir / name
     raise FileNotFoundError(f"no config.resolved.yaml or config.yaml in {run_dir}; pass --model-config")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    """The ``python -m mythos.export`` / ``mythos-export`` argument parser."""
+    parser = ArgumentParser(
         prog="python -m mythos.export",
-        description="Consolidate a DeepSpeed checkpoint to fp32 safetensors (or a HF Llama directory).",
+        description="Consolidate a DeepSpeed checkpoint to fp32 safetensors (or a HF Llama directory).\n\n"
+                    "    mythos-export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf-llama]\n"
+                    "    mythos-export --checkpoint RUN_DIR/checkpoints/TAG --out DIR [--hf-llama]",
     )
-    parser.add_argument("--checkpoint", required=True, help="RUN_DIR/checkpoints/TAG")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--run", default=None, metavar="DIR",
+                        help="training run directory (with --checkpoint latest|TAG; omit it to pass --checkpoint PATH)")
+    parser.add_argument("--checkpoint", default=None, metavar="TAG|latest|PATH",
+                        help="tag under RUN/checkpoints, 'latest' (the newest complete one; the default with --run) "
+                             "or a path RUN_DIR/checkpoints/TAG")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--hf-llama", action="store_true",
                         help="write a Hugging Face LlamaForCausalLM directory instead (dense Llama-style only)")
     parser.add_argument("--model-config", help="model YAML or run config with a model: section "
@@ -308,19 +316,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="unpickle the checkpoint files without restriction (DeepSpeed's engine files are "
                         "pickles: only for checkpoints you trust)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    ckpt = Path(args.checkpoint)
+    if args.run is None and args.checkpoint is None:
+        parser.error("give --run RUN_DIR [--checkpoint latest|TAG] or --checkpoint RUN_DIR/checkpoints/TAG")
     try:
-        if not ckpt.is_dir():
-            raise FileNotFoundError(f"checkpoint not found: {ckpt} (expected RUN_DIR/checkpoints/TAG)")
+        if args.run is not None and not Path(args.run).is_dir():
+            raise FileNotFoundError(f"--run {args.run} is not a directory (a training run directory)")
+        # the shared rule (eval, lm-eval adapter): latest | TAG under RUN/checkpoints | a path; a
+        # partial save is exported with a warning rather than refused
+        ckpt, _ = resolve_checkpoint(args.run, args.checkpoint, require_complete=False)
+        if (ckpt / WEIGHTS_NAME).is_file():
+            raise ValueError(f"{ckpt} is already an exported model directory (nothing to consolidate)")
         if not (ckpt / "COMPLETE").is_file():  # the trainer's marker, written after every rank saved
             print(f"warning: {ckpt} has no COMPLETE marker; it may be a partial save", file=sys.stderr)
-        cfg = model_config_from_file(args.model_config or _find_run_config(ckpt))
+        run_dir = Path(args.run) if args.run is not None else ckpt.parent.parent  # RUN_DIR/checkpoints/TAG
+        cfg = model_config_from_file(args.model_config or _find_run_config(run_dir))
         tok = None
         if args.hf_llama:  # every check that needs no weights before the slow merge
             if bad := llama_incompatibilities(cfg):
                 raise ValueError(f"cannot export to HF Llama: {', '.join(bad)}")
-            tok = Tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(_find_run_config(ckpt))
+            tok = Tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(_find_run_config(run_dir))
             check_hf_tokenizer(tok, cfg)
         sd = consolidate_deepspeed(ckpt, trust=args.trust_checkpoint)
         if args.hf_llama:
@@ -328,9 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             save_consolidated(sd, cfg, args.out)
     except (FileNotFoundError, ValueError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {'HF Llama' if args.hf_llama else 'consolidated fp32'} model to {args.out}")
+        return fail(exc)
+    print(f"wrote {'HF Llama' if args.hf_llama else 'consolidated fp32'} model from {ckpt} to {args.out}")
     return 0
 
 

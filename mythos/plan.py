@@ -35,7 +35,6 @@ Outputs in ``--out``: ``<name>.yaml`` for both runs (loadable by ``load_run_conf
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from mythos.accounting import count_params, executed_loops, flops_per_token
+from mythos.cli_common import ArgumentParser, fail
 from mythos.config import ConfigError, dump_yaml, to_dict
 from mythos.io import atomic_write_text
 from mythos.model.build import build_model
@@ -288,29 +288,38 @@ def write_outputs(p: dict[str, Any], cfgs: Sequence[RunConfig], out: Path) -> li
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--a", required=True, help="run config of arm A (e.g. configs/run/rdt-770m.yaml)")
-    ap.add_argument("--b", required=True, help="run config of arm B (e.g. configs/run/dense-1.3b.yaml)")
-    ap.add_argument("--match", required=True, choices=MATCHES)
-    ap.add_argument("--tokens", type=float, default=0, help="--match tokens: tokens per run")
-    ap.add_argument("--flops", type=float, default=0, help="--match compute: total training model FLOPs per run")
+def build_parser() -> ArgumentParser:
+    """The ``mythos-plan`` argument parser."""
+    ap = ArgumentParser(prog="mythos-plan", description=__doc__)
+    ap.add_argument("--a", required=True, metavar="CONFIG", help="run config of arm A (e.g. configs/run/rdt-770m.yaml)")
+    ap.add_argument("--b", required=True, metavar="CONFIG",
+                    help="run config of arm B (e.g. configs/run/dense-1.3b.yaml)")
+    ap.add_argument("--match", required=True, choices=MATCHES, help="matching protocol (see above)")
+    ap.add_argument("--tokens", type=float, default=0,
+                    help="--match tokens: tokens per run (0 = run A's train.max_tokens)")
+    ap.add_argument("--flops", type=float, default=0,
+                    help="--match compute: total training model FLOPs per run (0 = run A's at its tokens)")
     ap.add_argument("--ratio", type=float, default=80.0, help="--match tokens-per-param: tokens per parameter")
     ap.add_argument("--params-basis", choices=("auto", "exact", "nominal"), default="auto",
                     help="parameter count for tokens-per-param (auto: nominal when both names carry a size)")
-    ap.add_argument("--seq-len", type=int, default=0, help="default: the shards' seq_len, else model.max_seq_len")
-    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=0, help="0 = the shards' seq_len, else model.max_seq_len")
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs per run, for the GPU-hour estimate")
     ap.add_argument("--peak-tflops", type=float, default=989.5, help="per-GPU dense bf16 peak (H100 SXM: 989.5)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
-    ap.add_argument("--out", default=None, help="directory for the two run configs and plan.json")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="directory for the two run configs and plan.json (default: print the table only)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     try:
         cfg_a, cfg_b = load_run_config(a.a), load_run_config(a.b)
         p = plan(cfg_a, cfg_b, a.match, tokens=a.tokens, flops=a.flops, ratio=a.ratio, params_basis=a.params_basis,
                  gpus=a.gpus, peak_tflops=a.peak_tflops, mfu=a.mfu, seq_len=a.seq_len, paths=(a.a, a.b))
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(format_table(_display(p)))
     if a.out:
         for path in write_outputs(p, (cfg_a, cfg_b), Path(a.out)):

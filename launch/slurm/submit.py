@@ -3,13 +3,14 @@
     python launch/slurm/submit.py --config configs/run/rdt-770m.yaml --nodes 4 --gpus-per-node 8 \\
         --partition gpu --account proj --time 24:00:00 [--dependency afterok:123] [--dry-run] [key=value ...]
     python launch/slurm/submit.py --config configs/run/rdt-tiny-cpu.yaml --nodes 2 --cpu-ranks-per-node 1
-    python launch/slurm/submit.py --pair configs/run/rdt-770m.yaml configs/run/dense-1.3b.yaml --nodes 4 ...
+    python launch/slurm/submit.py --a configs/run/rdt-770m.yaml --b configs/run/dense-1.3b.yaml --nodes 4 ...
 
 The config is loaded with its overrides and checked exactly as the trainer checks it before its
 process group (batch divisible by nodes x ranks per node, shards present, vocab, token budget vs
-data, ...). Any problem prints one ``error:`` line and exits 2 with nothing submitted. ``--pair``
-submits the two arms of a matched comparison and first asserts that they train on identical data
-(same ``data:`` section, seed and global batch) and write to different run dirs.
+data, ...). Any problem prints one ``error:`` line and exits 2 with nothing submitted. ``--a/--b``
+(older spelling: ``--pair A B``) submits the two arms of a matched comparison and first asserts
+that they train on identical data (same ``data:`` section, seed and global batch) and write to
+different run dirs.
 
 Prints ``submitted job ID  run_dir=DIR  log=FILE`` per job (``--dry-run``: the sbatch command).
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runstate import REPO, ResolvedRun, resolve  # noqa: E402
 
+from mythos.cli_common import ArgumentParser, fail  # noqa: E402
 from mythos.config import ConfigError, to_dict  # noqa: E402
 
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "pretrain.sbatch"
@@ -86,7 +88,7 @@ def check_pair(a: ResolvedRun, b: ResolvedRun) -> None:
     if a.run_dir == b.run_dir:
         problems.append(f"both write to run_dir {a.run_dir}")
     if problems:
-        raise SubmitError(f"--pair {a.config_path.name} {b.config_path.name}: not a matched comparison: "
+        raise SubmitError(f"--a {a.config_path.name} --b {b.config_path.name}: not a matched comparison: "
                           + "; ".join(problems))
 
 
@@ -119,27 +121,49 @@ def submit(cmd: list[str], env: dict[str, str]) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--config", help="run config YAML (configs/run/*.yaml) or preset name")
-    what.add_argument("--pair", nargs=2, metavar=("A", "B"), help="two arms of a matched comparison")
-    p.add_argument("--nodes", type=int, required=True)
+def build_parser() -> ArgumentParser:
+    """The ``launch/slurm/submit.py`` argument parser (checked further by :func:`parse_args`)."""
+    p = ArgumentParser(prog="launch/slurm/submit.py", description=__doc__)
+    what = p.add_argument_group("what to submit: --config, or the two arms --a and --b")
+    what.add_argument("--config", metavar="CONFIG", help="run config YAML (configs/run/*.yaml) or preset name")
+    what.add_argument("--a", metavar="CONFIG", help="run config of arm A of a matched comparison (with --b)")
+    what.add_argument("--b", metavar="CONFIG", help="run config of arm B of a matched comparison (with --a)")
+    what.add_argument("--pair", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)  # older spelling of --a/--b
+    p.add_argument("--nodes", type=int, required=True, help="nodes per job")
     per_node = p.add_mutually_exclusive_group()
     per_node.add_argument("--gpus-per-node", type=int, help="GPU nodes: one rank per GPU (default 8)")
-    per_node.add_argument("--cpu-ranks-per-node", type=int, help="CPU nodes: ranks per node (gloo)")
-    p.add_argument("--cpus-per-task", type=int, help="CPU cores per rank (OMP_NUM_THREADS follows it)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--time", help="time limit, e.g. 24:00:00 (must exceed the USR1 warning lead)")
-    p.add_argument("--dependency", help="e.g. afterok:123 (start after a data-prep job)")
+    per_node.add_argument("--cpu-ranks-per-node", type=int, help="CPU nodes: ranks per node (gloo; default: GPU nodes)")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPU cores per rank (OMP_NUM_THREADS follows it; default: the cluster's)")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    p.add_argument("--account", help="SLURM account (default: the cluster's)")
+    p.add_argument("--time", help="time limit, e.g. 24:00:00 (must exceed the USR1 warning lead; default: the "
+                                  "partition's)")
+    p.add_argument("--dependency", help="e.g. afterok:123 (start after a data-prep job; default: none)")
     p.add_argument("--signal-lead", type=int, metavar="S",
                    help=f"send the checkpoint-and-requeue USR1 S seconds before the limit (default {SIGNAL_LEAD_S})")
     p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra sbatch option, repeatable (e.g. --sbatch-arg=--exclusive --sbatch-arg=--qos=high)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the sbatch command(s) only")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. train.max_steps=100")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse and check the command line (usage errors: one ``error:`` line, exit 2)."""
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.pair:
+        if args.a or args.b:
+            p.error("give the arms as --a A --b B (--pair A B is the older spelling), not both")
+        args.a, args.b = args.pair
+    if (args.a is None) != (args.b is None):
+        p.error("a matched comparison needs both --a and --b")
+    if args.a is not None and args.config:
+        p.error("give --config, or the two arms --a and --b, not both")
+    if args.a is None and not args.config:
+        p.error("one of --config or --a/--b is required")
+    args.pair = [args.a, args.b] if args.a is not None else None
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"overrides must look like key.sub=value: {' '.join(bad)}")
@@ -183,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             job = submit(cmd, env)
             print(f"submitted job {job}  run_dir={run.run_dir}  log={run.run_dir / 'logs' / f'job-{job}.log'}")
     except (ConfigError, SubmitError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     return 0
 
 

@@ -1,14 +1,15 @@
 """``python -m mythos.eval``: evaluate a trained run on its held-out split (and a multi-hop task).
 
     python -m mythos.eval --run runs/demo/rdt-tiny [--checkpoint step0000200] \\
-        [--loops 1,2,4,8,12,16,24,32] [--multihop data/multihop/khop] [--out FILE] \\
+        [--loops 1,2,4,8,12,16,24,32] [--multihop data/multihop/khop] [--out DIR] \\
         [--device cuda|cpu] [--dtype bfloat16|float32] [--quiet]
 
 Computes, with the same function training's periodic eval uses (:func:`mythos.train.evaluate.evaluate`):
 validation loss, perplexity and bits per byte over the *whole* val split of the run's data (exact
 token-weighted sums; bpb from exact per-token byte counts), for an RDT at every ``--loops`` count
 and at its default depth. ``--multihop DIR`` adds exact-match accuracy per hop count (and loop
-count) on ``DIR/test.jsonl``. Results go to ``RUN/eval/results.json`` (atomically; sections of an
+count) on ``DIR/test.jsonl``. Results go to ``results.json`` in ``--out DIR`` (default ``RUN/eval``;
+a ``.json`` path names the file itself) (atomically; sections of an
 earlier result for the *same* checkpoint that this call did not recompute are kept).
 
 Bits per byte need the tokenizer the shards were built with (found through the manifest, see
@@ -24,7 +25,6 @@ reproduces the CPU numbers exactly); loss sums are fp64 either way. Progress goe
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,22 +32,13 @@ from typing import Any
 
 import torch
 
+from mythos.cli_common import fail, out_file, parse_loops
 from mythos.config import ConfigError
 from mythos.eval.device import ArgumentParser, add_device_args
 from mythos.io import atomic_write_text
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 12, 16, 24, 32)
 RESULTS = Path("eval") / "results.json"
-
-
-def parse_loops(text: str) -> list[int]:
-    try:
-        loops = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise ConfigError(f"--loops must be comma-separated integers, got '{text}'") from None
-    if not loops or loops[0] < 1:
-        raise ConfigError(f"--loops must be integers >= 1, got '{text}'")
-    return loops
 
 
 BPB_EXACT = "exact per-token UTF-8 bytes from the tokenizer"
@@ -177,7 +168,7 @@ def run_eval(
     token_bytes = resolve_token_bytes(load_run_config_from_dir(run_dir).data, tokenizer, bpb) if lm else None
     run = load_run(run_dir, checkpoint, device=dev, dtype=dt)
     is_rdt = run.cfg.model.kind == "rdt"
-    out_path = Path(out) if out else Path(run_dir) / RESULTS
+    out_path = out_file(out, Path(run_dir) / RESULTS.parent, RESULTS.name)
     results: dict[str, Any] = {}
     if out_path.is_file():
         old = json.loads(out_path.read_text())
@@ -236,28 +227,38 @@ def summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m mythos.eval", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="training run directory (holds config.resolved.yaml, checkpoints/)")
-    p.add_argument("--checkpoint", default=None, help="tag (step0000200), 'latest' (default) or an exported model dir")
-    p.add_argument("--loops", default=",".join(map(str, DEFAULT_LOOPS)), help="RDT loop counts (ignored for dense)")
-    p.add_argument("--multihop", default=None, help="task directory from `python -m mythos.tasks` (test.jsonl)")
-    p.add_argument("--out", default=None, help=f"results file (default RUN/{RESULTS})")
+def build_parser() -> ArgumentParser:
+    """The ``python -m mythos.eval`` / ``mythos-eval`` argument parser."""
+    p = ArgumentParser(prog="python -m mythos.eval", description=__doc__)
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="training run directory (holds config.resolved.yaml, checkpoints/)")
+    p.add_argument("--checkpoint", default="latest", metavar="TAG|latest|PATH",
+                   help="tag (step0000200), 'latest' (the newest complete one) or a path (tag or exported model dir)")
+    p.add_argument("--loops", metavar="N[,N...]", default=",".join(map(str, DEFAULT_LOOPS)),
+                   help="comma-separated RDT loop counts (ignored for dense)")
+    p.add_argument("--multihop", default=None, metavar="TASK_DIR",
+                   help="task directory from `python -m mythos.tasks` (test.jsonl)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"results directory, writes {RESULTS.name} there (default: RUN/{RESULTS.parent}); "
+                        "a .json path names the file itself")
     p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
     p.add_argument("--tokenizer", default=None,
                    help="the shards' tokenizer (dir or .model) when the manifest's recorded path no longer finds it")
     p.add_argument("--no-bpb", action="store_true", help="skip bits per byte (e.g. the tokenizer is gone)")
-    p.add_argument("--batch-size", type=int, default=0, help="val batch size (default: train.micro_batch_size)")
+    p.add_argument("--batch-size", type=int, default=0, help="val batch size (0 = train.micro_batch_size)")
     p.add_argument("--max-batches", type=int, default=0, help="val batches (0 = the whole split)")
     add_device_args(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         res = run_eval(a.run, checkpoint=a.checkpoint, loops=parse_loops(a.loops), multihop=a.multihop, out=a.out,
                        lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device,
                        dtype=a.dtype, quiet=a.quiet, tokenizer=a.tokenizer, bpb=not a.no_bpb)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(summary(res))
-    print(f"wrote {a.out or Path(a.run) / RESULTS}")
+    print(f"wrote {out_file(a.out, Path(a.run) / RESULTS.parent, RESULTS.name)}")
     return 0

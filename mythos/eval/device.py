@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import NoReturn
 
 import torch
 
+from mythos.cli_common import ArgumentParser  # noqa: F401 - re-exported (it lived here)
 from mythos.config import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,14 +60,6 @@ def resolve(device: str | torch.device | None, dtype: str | torch.dtype | None) 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one ``error: ...`` line (exit 2), like our ConfigErrors."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:

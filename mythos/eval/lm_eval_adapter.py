@@ -1,8 +1,13 @@
 """lm-evaluation-harness adapter: our checkpoints as the registered model ``mythos``.
 
-    python -m mythos.eval.lm_eval_adapter --run runs/demo/rdt-tiny --tasks hellaswag [--loops 16] \\
-        [--include-path my_tasks/] [--limit 100] [--out results.json] [--batch-size 8] \\
+    python -m mythos.eval.lm_eval_adapter --run runs/demo/rdt-tiny --tasks hellaswag [--loops 4,16] \\
+        [--include-path my_tasks/] [--limit 100] [--out DIR] [--batch-size 8] \\
         [--device cuda|cpu] [--dtype bfloat16|float32] [--quiet]
+
+``--loops`` is a comma list like everywhere else: the model is loaded once and every loop count is
+evaluated in turn. Results go to ``lm_eval.json`` in ``--out DIR`` (default ``RUN/eval``; a ``.json``
+path names the file itself): ``{"results", "model_args"}`` for one loop count (or none),
+``{"by_loops": {"T": {"results", "model_args"}}}`` for several.
 
 or from Python (importing this module registers the model name)::
 
@@ -213,49 +218,70 @@ class MythosLM(TemplateLM):
         return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m mythos.eval.lm_eval_adapter", description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="training run directory (holds config.resolved.yaml, checkpoints/)")
-    p.add_argument("--checkpoint", default=None, help="tag (step0000200), 'latest' (default) or an exported model dir")
-    p.add_argument("--loops", type=int, default=None, help="RDT test-time loop count (default: its eval depth)")
+LM_EVAL_FILE = "lm_eval.json"
+
+
+def build_parser() -> ArgumentParser:
+    """The ``python -m mythos.eval.lm_eval_adapter`` argument parser."""
+    p = ArgumentParser(prog="python -m mythos.eval.lm_eval_adapter", description=__doc__)
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="training run directory (holds config.resolved.yaml, checkpoints/)")
+    p.add_argument("--checkpoint", default="latest", metavar="TAG|latest|PATH",
+                   help="tag (step0000200), 'latest' (the newest complete one) or a path (tag or exported model dir)")
+    p.add_argument("--loops", default=None, metavar="N[,N...]",
+                   help="comma-separated RDT test-time loop counts, each evaluated in turn (default: the model's "
+                        "eval depth)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", default=None, help="directory of extra task YAMLs")
-    p.add_argument("--limit", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default=None, help="JSON results file (default RUN/eval/lm_eval.json)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="directory of extra task YAMLs")
+    p.add_argument("--limit", type=float, default=None,
+                   help="examples per task (a fraction if < 1; default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"results directory, writes {LM_EVAL_FILE} there (default: RUN/eval); a .json path names "
+                        "the file itself")
     add_device_args(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    from mythos.cli_common import fail, out_file, parse_loops
+    from mythos.io import atomic_write_text
 
     args: dict[str, Any] = {"run": a.run, "batch_size": a.batch_size}
     if a.checkpoint:
         args["checkpoint"] = a.checkpoint
-    if a.loops is not None:
-        args["loops"] = a.loops
     tasks = [t for t in a.tasks.split(",") if t.strip()]
     try:
+        loops: list[int | None] = list(parse_loops(a.loops)) if a.loops is not None else [None]
         # all input is checked before any weights load (their loader prints progress), and the
         # model is built here rather than by simple_evaluate: bad input is one error line, not
         # a traceback from inside lm-eval
-        MythosLM.check_args(a.run, a.checkpoint, a.loops, a.device, a.dtype, a.batch_size)
+        for t in loops:
+            MythosLM.check_args(a.run, a.checkpoint, t, a.device, a.dtype, a.batch_size)
         manager = TaskManager(include_path=a.include_path)  # indexing every lm-eval task takes seconds
         unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file() and not
                    manager.match_tasks([t])]
         if unknown or not tasks:
             raise ConfigError(f"unknown lm-eval task(s) {unknown or a.tasks!r} (see `lm_eval ls tasks`; local YAMLs "
                               "need --include-path DIR)")
-        lm = MythosLM(**args, device=a.device, dtype=a.dtype, quiet=a.quiet)
+        lm = MythosLM(**args, loops=loops[0], device=a.device, dtype=a.dtype, quiet=a.quiet)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     args.update(device=str(lm.device), dtype=dtype_name(lm.dtype))
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=a.limit, task_manager=manager, log_samples=False)
-    out = Path(a.out) if a.out else Path(a.run) / "eval" / "lm_eval.json"
-    from mythos.io import atomic_write_text
-
-    atomic_write_text(out, json.dumps({"results": res["results"], "model_args": args}, indent=2, default=str) + "\n")
-    print(json.dumps(res["results"], indent=2, default=str))
+    by_loops: dict[str, Any] = {}
+    for t in loops:
+        lm.loops = t  # one model, one pass per loop count
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=a.limit, task_manager=manager, log_samples=False)
+        by_loops[str(t)] = {"results": res["results"], "model_args": {**args, **({"loops": t} if t else {})}}
+    body = next(iter(by_loops.values())) if len(by_loops) == 1 else {"by_loops": by_loops}
+    out = out_file(a.out, Path(a.run) / "eval", LM_EVAL_FILE)
+    atomic_write_text(out, json.dumps(body, indent=2, default=str) + "\n")
+    print(json.dumps(body["results"] if len(by_loops) == 1 else
+                     {t: v["results"] for t, v in by_loops.items()}, indent=2, default=str))
     return 0
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from mythos import cli_common
 from mythos.config import ConfigError
 from mythos.model.base import CausalLM
-from mythos.train import checkpoint as ckpt
 from mythos.train.config import RunConfig, load_run_config
 
 RESOLVED_CONFIG = "config.resolved.yaml"
@@ -47,26 +47,9 @@ def load_run_config_from_dir(run_dir: str | Path) -> RunConfig:
 
 
 def resolve_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, int]:
-    """``(directory, step)`` of checkpoint ``tag`` (``None``/``latest`` = newest complete one)."""
-    root = run_dir / "checkpoints"
-    tags = ckpt.list_tags(root)
-    if tag in (None, "latest"):
-        if not tags:
-            raise ConfigError(f"no complete checkpoint in {root} (train first, or pass --checkpoint)")
-        step, path = tags[-1]
-        return path, step
-    path = Path(tag)
-    if not path.is_dir():
-        path = root / tag
-    if (path / "model.safetensors").is_file():  # an exported model directory
-        return path, -1
-    if not path.is_dir():
-        have = ", ".join(p.name for _, p in tags) or "none"
-        raise ConfigError(f"checkpoint '{tag}' not found in {root} (complete checkpoints: {have})")
-    if not ckpt.is_complete(path):
-        raise ConfigError(f"checkpoint {path} has no {ckpt.COMPLETE} marker (a partial save); pick another tag")
-    m = ckpt.TAG_RE.match(path.name)
-    return path, int(m.group(1)) if m else -1
+    """``(directory, step)`` of checkpoint ``tag`` (``None``/``latest`` = newest complete one, a tag
+    name, or a path): :func:`mythos.cli_common.resolve_checkpoint`, shared by every tool."""
+    return cli_common.resolve_checkpoint(run_dir, tag)
 
 
 def load_run(

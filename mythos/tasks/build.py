@@ -14,13 +14,12 @@ Re-running with the same config rewrites byte-identical files (everything is see
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mythos.cli_common import ArgumentParser, fail
 from mythos.config import ConfigError, from_dict, load_config, to_dict
 from mythos.data.shard_writer import write_example_shards
 from mythos.io import atomic_write_bytes, atomic_write_json
@@ -93,12 +92,17 @@ def load_test_examples(task_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mythos.tasks", description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    """The ``python -m mythos.tasks`` argument parser."""
+    p = ArgumentParser(prog="python -m mythos.tasks", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="task YAML (TaskConfig); default: khop with the defaults")
-    p.add_argument("--out", required=True, help="output task directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output task directory")
     p.add_argument("overrides", nargs="*", help="TaskConfig overrides, e.g. seed=1 n_entities=64")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         if a.config:
             cfg = load_config(TaskConfig, a.config, a.overrides)
@@ -108,8 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = from_dict(TaskConfig, apply_overrides({}, a.overrides))
         card = build_task(cfg, a.out)
     except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(
         f"{a.out}: {card['task']} task, vocab {card['vocab_size']}, seq_len {card['seq_len']}, "
         f"splits {card['splits']}, data {card['data_hash'][:12]}"

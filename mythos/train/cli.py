@@ -22,13 +22,15 @@ import os
 import sys
 import traceback
 
+from mythos.cli_common import ArgumentParser
+from mythos.cli_common import fail as fail_usage
 from mythos.config import ConfigError
 from mythos.train.config import load_run_config
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m mythos.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    """The ``mythos-train`` / ``python -m mythos.train`` argument parser."""
+    p = ArgumentParser(prog="python -m mythos.train", description=__doc__)
     p.add_argument("--config", required=True, help="run config YAML (configs/run/*.yaml) or preset name")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     d = p.add_argument_group("--dry-run: check and plan, start nothing")
@@ -39,6 +41,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="per-device dense peak (default: log.peak_tflops, else 989.5 = H100 SXM bf16)")
     d.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for GPU-hours")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Parse the command line: ``(args, key=value overrides)``; usage errors are one line, exit 2."""
+    p = build_parser()
     args, unknown = p.parse_known_args(argv)
     bad = [u for u in unknown if "=" not in u]
     if bad:
@@ -63,8 +71,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
         cfg = load_run_config(args.config, overrides)
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail_usage(exc)
     except Exception as exc:
         return fail(exc, process)
     try:

@@ -4,7 +4,7 @@ DeepSpeed config in, an initialised engine out.
 The one non-obvious step is Muon. DeepSpeed tags ``use_muon`` by parameter *name* (2-D and not
 "embed"/"lm_head"), which would put the LTI injection's B and readout C, and the 3-D LoRA banks,
 on Muon. Parcae keeps them on AdamW, so :func:`build_engine` re-tags right after DeepSpeed's pass,
-before it builds the optimizer (``tests/test_optim.py`` pins which parameters land where).
+before it builds the optimizer (``tests/unit/test_optim.py`` pins which parameters land where).
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import pytest
 import torch
 from train_utils import REPO, ds_env, launch_cmd, metrics, train_losses
 
-pytest_plugins = ["data_fixtures"]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 CONFIGS = {"dense": "configs/run/dense-tiny-cpu.yaml", "rdt": "configs/run/rdt-tiny-cpu.yaml"}

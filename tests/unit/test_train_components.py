@@ -16,7 +16,7 @@ from mythos.train.config import load_run_config
 from mythos.train.provenance import git_commit, run_info, section_hash, write_run_files
 from mythos.train.throughput import Throughput
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------- throughput

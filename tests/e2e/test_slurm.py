@@ -1,5 +1,6 @@
 """SLURM launch on a real local cluster: slurmctld + two slurmd "nodes" (127.0.0.1, 127.0.0.2) on
-this machine, started once for the module by tests/cluster/slurm_up.sh (root; installs Debian's
+this machine, started once per test session (the ``slurm_cluster`` fixture in tests/conftest.py, shared with
+tests/e2e/test_data_partition.py) by tests/cluster/slurm_up.sh (root; installs Debian's
 slurm packages when missing) and stopped by slurm_down.sh.
 
 Covers launch/slurm/: a 2-node x 1-rank job through the real pretrain.sbatch and srun (same
@@ -12,119 +13,19 @@ resume, and submissions that must fail before anything is queued.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, TINY, ds_env, run_training, train_losses
+from slurm_utils import LocalSlurm
+from train_utils import REPO, TINY, run_training, train_losses
 
 from mythos.train import checkpoint as ckpt
 
-pytest_plugins = ["data_fixtures"]
 pytestmark = pytest.mark.slow
 
-CLUSTER = REPO / "tests" / "cluster"
-SUBMIT = REPO / "launch" / "slurm" / "submit.py"
 RDT = "configs/run/rdt-tiny-cpu.yaml"
 STEPS = 40  # long enough that two interruptions land mid-run; ~0.1 s per step
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def _ports_free(*ports: int) -> bool:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def _pick_ports() -> tuple[int, int]:
-    """(slurmctld port, node port base): free ports C and B+1, B+2 (the two slurmds), so a second
-    test cluster on this machine (another checkout's tests) does not collide with this one."""
-    for base in range(17100, 30000, 37):
-        if _ports_free(base, base + 1, base + 2, base + 3):
-            return base + 3, base
-    raise RuntimeError("no free ports for the test cluster")
-
-
-class LocalSlurm:
-    """The running test cluster: environment for slurm commands and job helpers."""
-
-    def __init__(self, root: Path, conf: Path) -> None:
-        self.root = root
-        self.env = ds_env()  # DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1, shared TORCH_EXTENSIONS_DIR
-        self.env["SLURM_CONF"] = str(conf)
-
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
-        return proc
-
-    def submit(self, *args: str) -> subprocess.CompletedProcess:
-        return self.run(sys.executable, str(SUBMIT), *args, check=False)
-
-    def queue(self) -> list[str]:
-        return self.run("squeue", "-h", "-o", "%i").stdout.split()
-
-    def job(self, job_id: str) -> dict[str, str]:
-        """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
-        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
-
-    def wait(self, job_id: str, until: Callable[[dict[str, str]], bool], what: str, log: Path,
-             timeout: float = 300) -> dict[str, str]:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            info = self.job(job_id)
-            if until(info):
-                return info
-            if info["JobState"] in FINAL:
-                break
-            time.sleep(0.2)
-        tail = log.read_text()[-4000:] if log.exists() else "(no job log)"
-        raise AssertionError(f"job {job_id}: {what} did not happen (state {info['JobState']}):\n{tail}")
-
-    def wait_done(self, job_id: str, log: Path, timeout: float = 300) -> dict[str, str]:
-        return self.wait(job_id, lambda i: i["JobState"] in FINAL, "finishing", log, timeout)
-
-    def cancel(self, job_id: str) -> None:
-        """Cancel and wait until the job has left the nodes (so it cannot slow later tests)."""
-        self.run("scancel", job_id, check=False)
-        deadline = time.time() + 120
-        while job_id in self.queue() and time.time() < deadline:
-            time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSlurm]:
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (slurmd runs jobs as any user)")
-    root = tmp_path_factory.mktemp("slurm")
-    ctld_port, node_base = _pick_ports()
-    env = dict(os.environ, SLURM_TEST_PORT=str(ctld_port), SLURM_TEST_NODE_PORT=str(node_base))
-    t0 = time.time()
-    up = subprocess.run([str(CLUSTER / "slurm_up.sh"), str(root)], env=env, capture_output=True, text=True,
-                        timeout=900)
-    if up.returncode != 0:
-        reasons = {3: "not root", 4: "apt-get cannot install slurmctld/slurmd/slurm-client/munge",
-                   5: "the SLURM daemons did not come up"}
-        pytest.skip(f"no local SLURM cluster: {reasons.get(up.returncode, 'slurm_up.sh failed')} "
-                    f"(exit {up.returncode}): {up.stderr.strip()[-600:]}")
-    conf = up.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
-    print(f"local SLURM cluster up in {time.time() - t0:.1f}s under {root}")
-    try:
-        yield LocalSlurm(root, Path(conf))
-    finally:
-        subprocess.run([str(CLUSTER / "slurm_down.sh"), str(root)], capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +37,9 @@ def _train_args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
     return [f"run_dir={run_dir}", f"data.shards={shards}", *TINY, f"train.max_steps={STEPS}", *extra]
 
 
-def _submit_ok(cluster: LocalSlurm, run_dir: Path, shards: Path, *extra: str) -> tuple[str, Path]:
+def _submit_ok(slurm_cluster: LocalSlurm, run_dir: Path, shards: Path, *extra: str) -> tuple[str, Path]:
     """Submit the tiny RDT on 2 nodes x 1 CPU rank; returns (job id, the job's log in the run dir)."""
-    proc = cluster.submit("--config", RDT, "--nodes", "2", "--cpu-ranks-per-node", "1",
+    proc = slurm_cluster.submit("--config", RDT, "--nodes", "2", "--cpu-ranks-per-node", "1",
                           *_train_args(run_dir, shards, *extra))
     m = re.match(r"submitted job (\d+)\s+run_dir=(\S+)\s+log=(\S+)", proc.stdout)
     assert proc.returncode == 0 and m, f"submit failed ({proc.returncode}): {proc.stdout}{proc.stderr}"
@@ -146,21 +47,21 @@ def _submit_ok(cluster: LocalSlurm, run_dir: Path, shards: Path, *extra: str) ->
     return m.group(1), Path(m.group(3))
 
 
-def _wait_step(cluster: LocalSlurm, job_id: str, run_dir: Path, log: Path, step: int, restarts: int) -> None:
+def _wait_step(slurm_cluster: LocalSlurm, job_id: str, run_dir: Path, log: Path, step: int, restarts: int) -> None:
     """Wait until attempt ``restarts`` of the job is running and has logged ``step``."""
     def reached(info: dict[str, str]) -> bool:
         return (info["JobState"] == "RUNNING" and int(info["Restarts"]) == restarts
                 and max(train_losses(run_dir), default=0) >= step)
 
-    cluster.wait(job_id, reached, f"step {step} in attempt {restarts}", log, timeout=240)
+    slurm_cluster.wait(job_id, reached, f"step {step} in attempt {restarts}", log, timeout=240)
 
 
 @pytest.fixture(scope="module")
-def reference(cluster: LocalSlurm, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def reference(slurm_cluster: LocalSlurm, shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """An uninterrupted 2-node run (the loss reference); returns (run dir, job log)."""
     run_dir = tmp_path_factory.mktemp("slurm_runs") / "reference"
-    job_id, log = _submit_ok(cluster, run_dir, shards)
-    info = cluster.wait_done(job_id, log)
+    job_id, log = _submit_ok(slurm_cluster, run_dir, shards)
+    info = slurm_cluster.wait_done(job_id, log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log.read_text()[-4000:]
     assert info["Restarts"] == "0"
     return run_dir, log
@@ -189,7 +90,7 @@ def test_srun_launch_matches_deepspeed_launcher(reference: tuple[Path, Path], sh
 
 
 def test_time_limit_warning_and_preemption_resume_exactly(
-    cluster: LocalSlurm, reference: tuple[Path, Path], shards: Path, tmp_path: Path
+    slurm_cluster: LocalSlurm, reference: tuple[Path, Path], shards: Path, tmp_path: Path
 ) -> None:
     """One job, four attempts, every step's loss bit-identical to the uninterrupted reference:
 
@@ -201,16 +102,16 @@ def test_time_limit_warning_and_preemption_resume_exactly(
     3. Runs to the end."""
     ref_dir, _ = reference
     run_dir = tmp_path / "preempted"
-    job_id, log = _submit_ok(cluster, run_dir, shards)
+    job_id, log = _submit_ok(slurm_cluster, run_dir, shards)
 
-    cluster.wait(job_id, lambda i: log.exists() and "| config " in log.read_text(), "start of srun", log)
-    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    _wait_step(cluster, job_id, run_dir, log, step=3, restarts=1)
-    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    _wait_step(cluster, job_id, run_dir, log, step=12, restarts=2)
+    slurm_cluster.wait(job_id, lambda i: log.exists() and "| config " in log.read_text(), "start of srun", log)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    _wait_step(slurm_cluster, job_id, run_dir, log, step=3, restarts=1)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    _wait_step(slurm_cluster, job_id, run_dir, log, step=12, restarts=2)
     stopped_at = [s for s, _ in ckpt.list_tags(run_dir / "checkpoints")]
-    cluster.run("scontrol", "requeue", job_id)
-    info = cluster.wait_done(job_id, log)
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    info = slurm_cluster.wait_done(job_id, log)
 
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-4000:]
@@ -224,17 +125,17 @@ def test_time_limit_warning_and_preemption_resume_exactly(
     assert train_losses(run_dir) == train_losses(ref_dir)
 
 
-def test_preemption_with_dataloader_workers_saves(cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+def test_preemption_with_dataloader_workers_saves(slurm_cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "workers"
-    job_id, log = _submit_ok(cluster, run_dir, shards, "data.num_workers=2")
+    job_id, log = _submit_ok(slurm_cluster, run_dir, shards, "data.num_workers=2")
     try:
-        _wait_step(cluster, job_id, run_dir, log, step=3, restarts=0)
-        cluster.run("scontrol", "requeue", job_id)
-        cluster.wait(job_id, lambda i: "training step exited" in (log.read_text() if log.exists() else ""),
+        _wait_step(slurm_cluster, job_id, run_dir, log, step=3, restarts=0)
+        slurm_cluster.run("scontrol", "requeue", job_id)
+        slurm_cluster.wait(job_id, lambda i: "training step exited" in (log.read_text() if log.exists() else ""),
                      "the first attempt's exit", log, timeout=120)
         assert "stopping on signal" in log.read_text(), log.read_text()[-3000:]
     finally:
-        cluster.cancel(job_id)
+        slurm_cluster.cancel(job_id)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +151,7 @@ def test_preemption_with_dataloader_workers_saves(cluster: LocalSlurm, shards: P
     ],
     ids=["missing-config", "batch-not-divisible", "time-below-warning", "pair-data-mismatch"],
 )
-def test_bad_submissions_fail_fast(cluster: LocalSlurm, shards: Path, tmp_path: Path, args: list[str],
+def test_bad_submissions_fail_fast(slurm_cluster: LocalSlurm, shards: Path, tmp_path: Path, args: list[str],
                                    message: str) -> None:
     """Validation runs before sbatch: one error line, exit 2, nothing queued, no run dir."""
     if "UNMATCHED" in args:  # a "baseline" whose data order differs from the RDT arm's
@@ -259,18 +160,18 @@ def test_bad_submissions_fail_fast(cluster: LocalSlurm, shards: Path, tmp_path: 
         other.write_text(text.replace("data: configs/data/demo.yaml",
                                       "data: {include: configs/data/demo.yaml, seed: 7}"))
         args = [str(other) if a == "UNMATCHED" else a for a in args]
-    before = cluster.queue()
-    proc = cluster.submit(*args, f"data.shards={shards}", *TINY, f"run_dir={tmp_path / 'never'}")
+    before = slurm_cluster.queue()
+    proc = slurm_cluster.submit(*args, f"data.shards={shards}", *TINY, f"run_dir={tmp_path / 'never'}")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert proc.stdout == ""
-    assert set(cluster.queue()) <= set(before)  # nothing new was queued
+    assert set(slurm_cluster.queue()) <= set(before)  # nothing new was queued
     assert not (tmp_path / "never").exists()
 
 
-def test_pair_dry_run_prints_both_arms(cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
-    proc = cluster.submit("--pair", RDT, "configs/run/dense-tiny-cpu.yaml", "--nodes", "2",
+def test_pair_dry_run_prints_both_arms(slurm_cluster: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+    proc = slurm_cluster.submit("--pair", RDT, "configs/run/dense-tiny-cpu.yaml", "--nodes", "2",
                           "--cpu-ranks-per-node", "1", "--partition", "test", "--dependency", "afterok:1",
                           "--dry-run", f"data.shards={shards}", *TINY)
     assert proc.returncode == 0, proc.stderr

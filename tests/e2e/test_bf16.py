@@ -17,7 +17,6 @@ from train_utils import REPO, metrics, run_training, train_losses
 
 from mythos.train import checkpoint as ckpt
 
-pytest_plugins = ["data_fixtures"]
 pytestmark = pytest.mark.slow
 
 RDT = "configs/run/rdt-tiny-cpu.yaml"

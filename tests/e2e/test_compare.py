@@ -9,10 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from train_utils import REPO
-
-pytest_plugins = ["data_fixtures", "eval_fixtures"]
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess:
@@ -94,9 +91,31 @@ def test_tensorboard_fallback_and_bad_run(short_runs, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "run_info.json not found" in proc.stderr
 
 
-@pytest.mark.parametrize("flag", ["--multihop"])
-def test_multihop_pair_section(short_runs, tmp_path: Path, flag: str) -> None:
-    proc = _compare(str(short_runs["rdt"]), str(short_runs["dense"]), "--out", str(tmp_path / "r"), flag,
-                    str(short_runs["rdt"]), str(short_runs["dense"]))
+def test_multihop_pair_section(short_runs, tmp_path: Path) -> None:
+    """``--multihop C D``: the depth-extrapolation section is built from C and D's own results
+    (their paths, their eval loss in the summary table, their accuracy-per-hop rows), not from the
+    main pair's; the main runs carry no multihop results, so nothing there can leak in."""
+    pair, results = {}, {"rdt": (5.4321, {"1": {"1": 0.625, "2": 0.375, "6": 0.125},
+                                          "8": {"1": 0.875, "2": 0.75, "6": 0.5}}),
+                         "dense": (5.8765, {"default": {"1": 0.5, "2": 0.25, "6": 0.0}})}
+    for name, (loss, acc) in results.items():
+        pair[name] = tmp_path / f"task-{name}"
+        shutil.copytree(short_runs[name], pair[name], ignore=shutil.ignore_patterns("checkpoints", "eval"))
+        (pair[name] / "eval").mkdir()
+        (pair[name] / "eval" / "results.json").write_text(json.dumps({
+            "checkpoint": "step0000004", "lm": {"loss": loss, "ppl": 200.0, "bpb": 3.1},
+            "multihop": {"task": "khop", "train_hops": [1, 2], "count": {"1": 8, "2": 8, "6": 8}, "accuracy": acc}}))
+    proc = _compare(str(short_runs["rdt"]), str(short_runs["dense"]), "--out", str(tmp_path / "r"), "--multihop",
+                    str(pair["rdt"]), str(pair["dense"]))
     assert proc.returncode == 0, proc.stderr
-    assert "Depth extrapolation" in (tmp_path / "r" / "report.md").read_text()
+    text = (tmp_path / "r" / "report.md").read_text()
+    head, _, section = text.partition("## Depth extrapolation (multi-hop task)")
+    assert section, text
+    assert f"`{pair['rdt']}` and `{pair['dense']}`" in section and "DIFFERENT DATA" not in section
+    eval_row = [ln for ln in section.splitlines() if ln.startswith("| eval val loss (mythos.eval)")]
+    assert len(eval_row) == 1 and "5.4321" in eval_row[0] and "5.8765" in eval_row[0], eval_row
+    for row in ("| rdt-tiny-cpu | 1 | 0.62 | 0.38 | 0.12 |", "| rdt-tiny-cpu | 8 | 0.88 | 0.75 | 0.50 |",
+                "| dense-tiny-cpu | default | 0.50 | 0.25 | 0.00 |"):
+        assert row in section, (row, section)
+    assert "5.4321" not in head and "0.62" not in head  # the main pair's part has none of it
+    _png_ok(tmp_path / "r" / "multihop_accuracy.png")

@@ -22,9 +22,6 @@ from mythos.data import (
     load_manifest,
 )
 
-#: provides the session-scoped ``data_corpus`` fixture (tests/data_fixtures.py)
-pytest_plugins = ["data_fixtures"]
-
 B = 64  # global batch; the test corpus has ~6.4k train samples -> ~99 steps per epoch
 
 
@@ -242,6 +239,6 @@ def test_data_config_strict_loading(tmp_path) -> None:
         from_dict(DataConfig, {"shards": "x", "sede": 1})
     with pytest.raises(ConfigError, match="num_workers"):
         from_dict(DataConfig, {"shards": "x", "num_workers": -1})
-    repo_configs = Path(__file__).resolve().parents[1] / "configs" / "data"
+    repo_configs = Path(__file__).resolve().parents[2] / "configs" / "data"
     for yaml_file in sorted(repo_configs.glob("*.yaml")):
         load_config(DataConfig, yaml_file)

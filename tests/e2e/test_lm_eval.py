@@ -5,14 +5,15 @@ generate_until), plus a direct check of the log-likelihood arithmetic."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest_plugins = ["data_fixtures", "eval_fixtures"]
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra: pip install -e '.[dev]'")
 
 for _k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -56,7 +57,8 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("lm_eval_tasks")
     rows = {
         "mc": [{"context": "To be, or not to be, that is the", "choices": [" question", " banana"], "label": 0},
-               {"context": "My lord, I", "choices": [" will", " xylophone"], "label": 0}],
+               {"context": "My lord, I", "choices": [" will", " xylophone"], "label": 0},
+               {"context": "To be, or not to be, that is the", "choices": [" question", " banana"], "label": 1}],
         "ppl": [{"text": "Now is the winter of our discontent made glorious summer."}],
         "gen": [{"context": "ROMEO: What", "answer": " say"}],
     }
@@ -67,20 +69,72 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_adapter_runs_local_tasks(short_runs, task_dir: Path) -> None:
+def _direct_logprobs(model, ids: list[int], loops: int) -> torch.Tensor:
+    """``[len(ids) - 1, V]`` next-token log-probs straight from the model (no adapter code)."""
+    with torch.no_grad():
+        return F.log_softmax(model(torch.tensor([ids[:-1]]), num_loops=loops).logits.float(), -1)[0]
+
+
+def test_adapter_runs_local_tasks(short_runs, task_dir: Path, tmp_path: Path) -> None:
+    """lm-eval's numbers for the three task types are the ones computed here from the model's own
+    log-probs: multiple-choice accuracy (argmax of each choice's summed log-prob), word perplexity
+    and bits per byte of the rolling log-likelihood, and exact match of greedy decoding (one gen
+    target is this model's own greedy continuation, one is not: exact_match must be 0.5)."""
     from lm_eval.tasks import TaskManager
 
     import mythos.eval.lm_eval_adapter  # noqa: F401  (registers "mythos")
+    from mythos.eval.lm_eval_adapter import MythosLM
+
+    loops = 2
+    lm = MythosLM(run=str(short_runs["rdt"]), loops=loops, device="cpu", dtype="float32", quiet=True)
+    model, tok = lm.model.eval(), lm.tok
+
+    def choice_score(ctx: str, cont: str) -> float:
+        c, t = tok.encode(ctx) or [tok.eos_id], tok.encode(cont)
+        logp = _direct_logprobs(model, c + t, loops)
+        return sum(float(logp[len(c) - 1 + i, x]) for i, x in enumerate(t))
+
+    def greedy(ctx: str, n: int = 8) -> str:
+        ids = tok.encode(ctx)
+        for _ in range(n):
+            nxt = int(_direct_logprobs(model, [*ids, 0], loops)[-1].argmax())
+            if nxt == tok.eos_id:
+                break
+            ids.append(nxt)
+        return tok.decode(ids[len(tok.encode(ctx)):]).split("\n")[0]
+
+    gen_ctx = ["ROMEO: What", "My lord,"]
+    data = tmp_path / "tasks"
+    data.mkdir()
+    for name in ("mc", "ppl"):
+        (data / f"{name}.jsonl").write_text((task_dir / f"{name}.jsonl").read_text())
+    gen_rows = [{"context": gen_ctx[0], "answer": greedy(gen_ctx[0])},
+                {"context": gen_ctx[1], "answer": greedy(gen_ctx[1]) + " and not this"}]
+    (data / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen_rows))
+    for name, text in TASKS.items():
+        (data / f"{name}.yaml").write_text(text.format(data=data))
 
     res = lm_eval.simple_evaluate(
-        model="mythos", model_args={"run": str(short_runs["rdt"]), "loops": 2, "batch_size": 2},
-        tasks=["mythos_mc", "mythos_ppl", "mythos_gen"], task_manager=TaskManager(include_path=str(task_dir)),
+        model="mythos", model_args={"run": str(short_runs["rdt"]), "loops": loops, "batch_size": 2},
+        tasks=["mythos_mc", "mythos_ppl", "mythos_gen"], task_manager=TaskManager(include_path=str(data)),
         log_samples=False,
     )
     r = res["results"]
-    assert 0.0 <= r["mythos_mc"]["acc,none"] <= 1.0
-    assert r["mythos_ppl"]["word_perplexity,none"] > 1.0 and r["mythos_ppl"]["bits_per_byte,none"] > 0
-    assert 0.0 <= r["mythos_gen"]["exact_match,none"] <= 1.0
+    mc = [json.loads(ln) for ln in (data / "mc.jsonl").read_text().splitlines()]
+    right = [max(range(len(d["choices"])), key=lambda i: choice_score(d["context"], d["choices"][i])) == d["label"]
+             for d in mc]
+    assert 0 < sum(right) < len(right), right  # the rows are chosen so that the accuracy is not 0 or 1
+    assert r["mythos_mc"]["acc,none"] == pytest.approx(sum(right) / len(right))
+
+    (text,) = [json.loads(ln)["text"] for ln in (data / "ppl.jsonl").read_text().splitlines()]
+    ids = [tok.eos_id, *tok.encode(text)]  # one window (< max_length): every token given EOS + its prefix
+    assert len(ids) <= lm.max_length
+    logp = _direct_logprobs(model, ids, loops)
+    ll = sum(float(logp[i, x]) for i, x in enumerate(ids[1:]))
+    assert r["mythos_ppl"]["word_perplexity,none"] == pytest.approx(math.exp(-ll / len(re.split(r"\s+", text))),
+                                                                    rel=1e-4)
+    assert r["mythos_ppl"]["bits_per_byte,none"] == pytest.approx(-ll / (len(text.encode()) * math.log(2)), rel=1e-4)
+    assert r["mythos_gen"]["exact_match,none"] == pytest.approx(0.5)
 
 
 def test_loglikelihood_matches_the_model(short_runs) -> None:

@@ -18,7 +18,6 @@ from mythos.model.config import LoopConfig
 from mythos.model.loops import sample_loop_counts
 from mythos.train.loop_layout import LoopLayout, h0_noise
 
-pytest_plugins = ["data_fixtures"]
 RDT = "configs/run/rdt-tiny-cpu.yaml"
 LOOPS = LoopConfig(schedule="poisson", mean=8, bwd_depth=4, max_loops=64)
 

@@ -15,7 +15,6 @@ from train_utils import REPO, TINY
 
 from mythos.train.dryrun import dry_run
 
-pytest_plugins = ["data_fixtures"]
 DENSE = "configs/run/dense-tiny-cpu.yaml"
 
 

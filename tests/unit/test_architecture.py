@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("mythos", "data_prep", "launch", "bench")
 TOOLS = ("data_prep", "launch", "bench", "tests")
 MAX_LINES = 450

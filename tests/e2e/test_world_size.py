@@ -18,8 +18,6 @@ from train_utils import REPO, TINY, run_training, train_losses
 from mythos.config import ConfigError
 from mythos.train import reshard
 
-pytest_plugins = ["data_fixtures"]
-
 RDT = "configs/run/rdt-tiny-cpu.yaml"
 DENSE = "configs/run/dense-tiny-cpu.yaml"
 # 9 steps, checkpoints at 3, 6, 9; every segment runs the same command (only the rank count

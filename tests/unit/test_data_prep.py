@@ -19,10 +19,7 @@ from data_prep.sources import SourceOptions, iter_documents
 from data_prep.tokenize_workers import is_val_document
 from mythos.data import PackedSamples, Tokenizer, load_manifest, shard_writer
 
-#: provides the session-scoped ``data_corpus`` fixture (tests/data_fixtures.py)
-pytest_plugins = ["data_fixtures"]
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(capsys: pytest.CaptureFixture, module, *args: str) -> tuple[int, str]:

@@ -26,7 +26,6 @@ from train_utils import (
 
 from mythos.train import checkpoint as ckpt
 
-pytest_plugins = ["data_fixtures"]
 pytestmark = pytest.mark.slow
 
 RDT = "configs/run/rdt-tiny-cpu.yaml"
@@ -68,9 +67,30 @@ def test_zero2_runs_write_everything_a_user_needs(zero2_runs: dict[str, Path]) -
         losses = [e.value for e in acc.Scalars("train/loss")]
         assert all(0 < v < 10 for v in losses)
         if name == "rdt":
-            rho = [e.value for e in acc.Scalars("rdt/spectral_radius")]
-            assert all(0 < r < 1 for r in rho)
+            assert "rdt/spectral_radius" in tags
             assert "val/loss@1" in tags and "val/loss@2" in tags and "rdt/loops_mean" in tags
+
+
+def test_logged_spectral_radius_is_the_checkpointed_injections(zero2_runs: dict[str, Path]) -> None:
+    """``rdt/spectral_radius`` logged at steps 2 and 4 is the spectral radius of the LTI injection
+    in the (consolidated) checkpoints of those steps -- recomputed here from A_log / dt_bias both
+    through ``LTIInjection.spectral_radius`` and by the formula ``max exp(-softplus(dt) e^A_log)``
+    -- it moved between the two steps, and it is below 1."""
+    from mythos.model.injection import LTIInjection
+
+    run = zero2_runs["rdt"]
+    logged = {m["step"]: m["rdt/spectral_radius"] for m in metrics(run) if "rdt/spectral_radius" in m}
+    tags = dict(ckpt.list_tags(run / "checkpoints"))
+    for step in (2, 4):
+        w = _weights(tags[step])
+        a_log, dt_bias = w["injection.A_log"], w["injection.dt_bias"]
+        inj = LTIInjection(a_log.numel(), 0.5)
+        inj.load_state_dict({k.removeprefix("injection."): v for k, v in w.items() if k.startswith("injection.")})
+        assert logged[step] == float(inj.spectral_radius()), step
+        by_formula = float(torch.exp(-torch.nn.functional.softplus(dt_bias.double()) * a_log.double().exp()).max())
+        assert logged[step] == pytest.approx(by_formula, rel=1e-6), step
+        assert 0 < logged[step] < 1
+    assert logged[2] != logged[4]  # the injection trained: this is not the init value read twice
 
 
 def test_both_arms_consume_identical_data(zero2_runs: dict[str, Path]) -> None:
@@ -245,6 +265,61 @@ def test_muon_under_zero2_trains(shards: Path, tmp_path: Path) -> None:
     run_training(RDT, tmp_path / "muon", shards, ["train.max_steps=6", "optim.name=muon", "optim.lr=3e-3"])
     losses = list(train_losses(tmp_path / "muon").values())
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+_MUON_PROBE = """
+import json, sys
+import deepspeed
+import deepspeed.comm.torch as ds_torch
+from mythos import build_model
+from mythos.train.config import load_run_config
+from mythos.train.ds_config import build_ds_config
+from mythos.train.engine import build_engine
+
+ds_torch.build_shm_op = lambda: None  # skip JIT-compiling DeepSpeed's CPU shm op
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = load_run_config(sys.argv[1], sys.argv[2:])
+engine = build_engine(build_model(cfg.model), cfg.optim, build_ds_config(cfg, 1, False))
+names = {id(p): n for n, p in engine.module.named_parameters()}
+opt = engine.optimizer  # ZeRO-2 wraps DeepSpeed's MuonWithAuxAdam; bit16_groups[i] <-> its param_groups[i]
+print(json.dumps({
+    "zero": type(opt).__name__, "inner": type(opt.optimizer).__name__,
+    "tags": {n: bool(p.use_muon) for n, p in engine.module.named_parameters()},
+    "groups": [{"use_muon": bool(g["use_muon"]), "params": [names[id(p)] for p in ps]}
+               for g, ps in zip(opt.optimizer.param_groups, opt.bit16_groups)],
+}))
+"""
+
+
+def test_muon_under_zero2_puts_only_weight_matrices_on_muon(tmp_path: Path) -> None:
+    """The engine the trainer builds (``build_engine``, ZeRO-2, 1 gloo rank): every parameter's
+    ``use_muon`` and the Muon / AdamW optimizer groups DeepSpeed built from them are exactly
+    ``muon_eligible`` -- the LTI injection's B and the readout C (2-D, which DeepSpeed's name-based
+    tagging would put on Muon) and the LoRA banks stay on AdamW."""
+    from train_utils import REPO, TINY, ds_env, free_port
+
+    from mythos import build_model
+    from mythos.train.config import load_run_config
+    from mythos.train.optim import muon_eligible
+
+    script = tmp_path / "probe.py"
+    script.write_text(_MUON_PROBE)
+    args = [RDT, *TINY, "train.global_batch_size=2", "optim.name=muon", "model.lora.rank=2"]
+    env = {**ds_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = muon_eligible(build_model(load_run_config(args[0], args[1:]).model, device="meta"))
+    assert got["zero"] == "DeepSpeedZeroOptimizer" and got["inner"] == "MuonWithAuxAdam"
+    assert got["tags"] == want
+    on_muon = {n for g in got["groups"] if g["use_muon"] for n in g["params"]}
+    on_adam = {n for g in got["groups"] if not g["use_muon"] for n in g["params"]}
+    assert on_muon == {n for n, e in want.items() if e} and on_adam == {n for n, e in want.items() if not e}
+    for name in ("injection.B.weight", "readout.weight", "core.0.attn.q_proj.lora_A", "embed.weight"):
+        assert name in on_adam, name
+    assert "core.0.attn.q_proj.weight" in on_muon
 
 
 # ------------------------------------------------------------------ fast guards (no launcher)

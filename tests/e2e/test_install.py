@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from train_utils import TINY, ds_env, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("mythos-train", "mythos-prep", "mythos-tokenizer", "mythos-eval", "mythos-export", "mythos-plan",
             "mythos-compare", "mythos-accounting")
 WORDS = ["the", "king", "queen", "sword", "crown", "river", "castle", "night", "morning", "speaks", "walks", "sees",

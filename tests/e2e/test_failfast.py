@@ -16,7 +16,6 @@ import psutil
 import pytest
 from train_utils import REPO, ds_env, kill_group, launch_cmd, rank_pids, train_losses
 
-pytest_plugins = ["data_fixtures"]
 pytestmark = pytest.mark.slow
 
 DENSE = "configs/run/dense-tiny-cpu.yaml"

@@ -19,8 +19,6 @@ from mythos.eval.multihop import evaluate_multihop
 from mythos.model import ModelConfig
 from mythos.train.evaluate import TokenBytes
 
-pytest_plugins = ["data_fixtures", "eval_fixtures"]
-
 
 def test_token_bytes_are_exact_on_packed_documents(data_corpus) -> None:
     """Summed over ``doc EOS doc EOS ...`` labels, the byte counts equal the documents' UTF-8 bytes

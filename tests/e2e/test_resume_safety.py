@@ -20,8 +20,6 @@ from mythos.config import ConfigError
 from mythos.train import checkpoint as ckpt
 from mythos.train import reshard
 
-pytest_plugins = ["data_fixtures"]
-
 RDT = "configs/run/rdt-tiny-cpu.yaml"
 DENSE = "configs/run/dense-tiny-cpu.yaml"
 

@@ -23,7 +23,6 @@ from mythos.export import consolidate_deepspeed, load_consolidated, main, save_c
 from mythos.model import build_model, load_model_config
 
 #: the session-scoped data_corpus (Shakespeare + its BPE tokenizer) and short_runs (real runs)
-pytest_plugins = ["data_fixtures", "eval_fixtures"]
 
 _SMALL = ["vocab_size=512", "d_model=64", "n_heads=4", "mlp_hidden=160", "n_layers=2", "max_seq_len=64"]
 

@@ -15,8 +15,6 @@ from mythos.config import ConfigError, from_dict
 from mythos.data import DataConfig, PackedSamples, build_train_loader, build_val_loader, load_manifest
 from mythos.data.mixture import interleave, resolve_data, resolve_quotas, selection
 
-pytest_plugins = ["data_fixtures"]
-
 
 @pytest.fixture(scope="module")
 def sources(data_corpus: SmallCorpus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

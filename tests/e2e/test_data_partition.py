@@ -21,9 +21,7 @@ from data_prep.partition import DocFilter, assign_units, plan_units
 from data_prep.sources import SourceOptions, iter_documents
 from mythos.data import DataConfig, PackedSamples, Tokenizer, build_train_loader, load_manifest
 
-pytest_plugins = ["data_fixtures"]
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N = 3
 
 
@@ -295,29 +293,7 @@ def test_filters_min_chars_and_dedup_scopes(data_corpus, tmp_path) -> None:
     assert sum(f.kept for f in filters) == 301 and sum(f.dropped_duplicate for f in filters) == 119
 
 
-# ---- SLURM: the real array job + afterok merge on a private 2-node cluster ----------------------
-
-CLUSTER = REPO / "tests" / "cluster"
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    """A private cluster from tests/cluster/slurm_up.sh (the SLURM tests' scripts), on ports of
-    its own so it can run beside theirs; stopped by slurm_down.sh."""
-    if not (CLUSTER / "slurm_up.sh").is_file():
-        pytest.skip("tests/cluster/slurm_up.sh is not there yet")
-    if os.geteuid() != 0 or not shutil.which("sbatch") or not shutil.which("slurmd"):
-        pytest.skip("needs root and the Debian slurm packages (slurmctld slurmd slurm-client)")
-    d = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_TEST_PORT": "16917", "SLURM_TEST_NODE_PORT": "17110"}
-    r = subprocess.run([str(CLUSTER / "slurm_up.sh"), str(d)], capture_output=True, text=True, env=env, timeout=120)
-    if r.returncode != 0:
-        pytest.skip(f"slurm_up.sh failed (rc {r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
-    try:
-        yield {**env, "SLURM_CONF": str(d / "slurm.conf")}
-    finally:
-        subprocess.run([str(CLUSTER / "slurm_down.sh"), str(d)], capture_output=True, env=env, timeout=180)
-
+# ---- SLURM: the real array job + afterok merge on the session's 2-node cluster (conftest.py) ----
 
 def job_state(env: dict, job: str) -> list[str]:
     r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, env=env)
@@ -335,7 +311,7 @@ def test_slurm_array_and_merge_match_sequential(slurm_cluster, data_corpus, mixe
         + ["--log-dir", str(tmp_path / "logs"), "--", *args],
         capture_output=True,
         text=True,
-        env=slurm_cluster,
+        env=slurm_cluster.env,
         cwd=REPO,
         timeout=60,
     )
@@ -343,11 +319,11 @@ def test_slurm_array_and_merge_match_sequential(slurm_cluster, data_corpus, mixe
     ids = dict(line.split("=") for line in r.stdout.split())
     deadline = time.time() + 240
     while time.time() < deadline:
-        states = job_state(slurm_cluster, ids["merge_job_id"])
+        states = job_state(slurm_cluster.env, ids["merge_job_id"])
         if states and states[0] not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
             break
         time.sleep(1)
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*")))
     assert states == ["COMPLETED"], logs
-    assert set(job_state(slurm_cluster, ids["array_job_id"])) == {"COMPLETED"}, logs
+    assert set(job_state(slurm_cluster.env, ids["array_job_id"])) == {"COMPLETED"}, logs
     assert tree(out) == tree(sequential)

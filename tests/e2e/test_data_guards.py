@@ -20,8 +20,6 @@ from mythos.config import ConfigError, from_dict
 from mythos.data import DataConfig
 from mythos.data.mixture import resolve_data
 
-pytest_plugins = ["data_fixtures"]
-
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ds_env(), capture_output=True, text=True,

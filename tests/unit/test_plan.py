@@ -14,7 +14,7 @@ import pytest
 
 from mythos.train.config import load_run_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 A, B = "configs/run/rdt-770m.yaml", "configs/run/dense-1.3b.yaml"
 
 _spec = importlib.util.spec_from_file_location("launch_plan", REPO / "launch" / "plan.py")

@@ -16,7 +16,6 @@ from train_utils import REPO, TINY, metrics, run_training
 from mythos.train.dryrun import dry_run
 from mythos.train.wandb_log import run_id
 
-pytest_plugins = ["data_fixtures"]
 pytestmark = pytest.mark.slow
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 

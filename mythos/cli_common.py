@@ -1,0 +1,116 @@
+"""What every mythos command line shares (docs/cli.md, "CLI conventions").
+
+- :class:`ArgumentParser`: ``--help`` shows each option's default; a usage error is one
+  ``error: <message> (see PROG --help)`` line on stderr and exit code 2.
+- :func:`fail`: the same one line for errors found after parsing (a missing run dir, a bad config).
+- :func:`parse_loops`: ``--loops 1,2,4`` (always a comma-separated list).
+- :func:`resolve_checkpoint`: ``--run DIR --checkpoint TAG|latest|PATH``, resolved the same way by
+  every tool that reads a checkpoint (eval, the lm-eval adapter, export).
+- :func:`out_file`: ``--out DIR`` for a tool that writes one results file (a ``.json`` path is
+  still accepted, for scripts written before the convention).
+
+Kept free of heavy imports: the data-prep tools use it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mythos.config import ConfigError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends ``(default: X)`` to every option's help that has
+    a default and does not state it already. Flags (``store_true``) and ``None`` defaults (the help
+    says what "unset" means) get nothing appended."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (text == argparse.SUPPRESS or "default" in text.lower() or default is None or default is argparse.SUPPRESS
+                or action.nargs == 0):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%') or 'none'})"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with :class:`HelpFormatter` and one-line usage errors (exit 2), like our ConfigErrors."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {' '.join(str(message).split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def fail(exc: BaseException | str) -> int:
+    """Print ``error: <message>`` (on one line) to stderr and return exit code 2."""
+    print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
+
+
+def parse_loops(text: str | int | None) -> list[int]:
+    """``"1,2,4"`` as sorted unique loop counts >= 1; a :class:`ConfigError` for anything else."""
+    try:
+        loops = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--loops must be comma-separated integers, got '{text}'") from None
+    if not loops or loops[0] < 1:
+        raise ConfigError(f"--loops must be integers >= 1, got '{text}'")
+    return loops
+
+
+def out_file(out: str | Path | None, default_dir: Path, name: str) -> Path:
+    """The results file of ``--out``: ``DIR/name`` for a directory (``default_dir`` when unset);
+    a path ending in ``.json`` is taken as the file itself (the older spelling)."""
+    if out is None or str(out) == "":
+        return default_dir / name
+    path = Path(out)
+    return path if path.suffix == ".json" else path / name
+
+
+EXPORTED_WEIGHTS = "model.safetensors"
+
+
+def resolve_checkpoint(run_dir: str | Path | None, checkpoint: str | Path | None, *,
+                       require_complete: bool = True) -> tuple[Path, int]:
+    """``(directory, step)`` of ``--checkpoint`` (step -1 when its name is not ``stepNNNNNNN``).
+
+    ``checkpoint``: ``None``/``latest`` = the newest *complete* checkpoint under ``RUN/checkpoints``
+    (:func:`mythos.train.checkpoint.list_tags`); a tag name (``step0000200``) under
+    ``RUN/checkpoints``; or a path (a tag directory, or a directory written by
+    ``python -m mythos.export``). ``require_complete=False`` accepts a tag without the ``COMPLETE``
+    marker (the caller warns). Raises a one-line :class:`ConfigError`.
+    """
+    from mythos.train import checkpoint as ckpt
+
+    root = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    if checkpoint is None or str(checkpoint) == "latest":
+        if root is None:
+            raise ConfigError("--checkpoint latest needs --run RUN_DIR (or pass --checkpoint PATH)")
+        tags = ckpt.list_tags(root)
+        if not tags:
+            raise ConfigError(f"no complete checkpoint in {root} (train first, or pass --checkpoint)")
+        step, path = tags[-1]
+        return path, step
+    path = Path(checkpoint)
+    if not path.is_dir() and root is not None:
+        path = root / str(checkpoint)
+    if (path / EXPORTED_WEIGHTS).is_file():  # an exported model directory
+        return path, -1
+    if not path.is_dir():
+        if root is None:
+            raise ConfigError(f"checkpoint not found: {checkpoint} (expected RUN_DIR/checkpoints/TAG, or pass "
+                              "--run RUN_DIR --checkpoint TAG|latest)")
+        have = ", ".join(p.name for _, p in ckpt.list_tags(root)) or "none"
+        raise ConfigError(f"checkpoint '{checkpoint}' not found in {root} (complete checkpoints: {have})")
+    if require_complete and not ckpt.is_complete(path):
+        raise ConfigError(f"checkpoint {path} has no {ckpt.COMPLETE} marker (a partial save); pick another tag")
+    m = ckpt.TAG_RE.match(path.name)
+    return path, int(m.group(1)) if m else -1
