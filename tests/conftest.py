@@ -7,6 +7,10 @@
   installs the Debian packages when missing and starts slurmctld + 2 slurmds), started once for
   every test that needs it (tests/e2e/test_slurm.py, tests/e2e/test_data_partition.py) whatever
   order they run in, and stopped at the end of the session.
+- one intra-op thread for torch in the test process (``MYTHOS_TEST_THREADS`` to change it): on a
+  shared 2-core machine two OpenMP threads spin against the training ranks and other jobs (a
+  FlopCounterMode test went from 7 s to 214 s under load; the spawned ranks already get
+  ``OMP_NUM_THREADS=1``).
 - an autouse cleanup of DeepSpeed's CPU shared-memory all-reduce buffers: DeepSpeed never
   ``shm_unlink``s them, so every 2-rank launch leaves ~140 MB in /dev/shm, enough over a full
   suite to exhaust a small machine's RAM.
@@ -25,6 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("MYTHOS_TEST_THREADS", "1")))
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mythos
 from mythos.model.config import ACTConfig, LoopConfig, LoRAConfig, ModelConfig, MoEConfig
+from mythos.model.loops import sample_loop_counts
 
 VOCAB = 97
 
@@ -124,7 +125,7 @@ def test_poisson8_batch_costs_what_its_sequences_cost_alone() -> None:
     """Issue 11's bar: a Poisson(8) batch of 64, forward+backward, at most 1.10x the FLOPs of its
     sequences run one by one (each at its own T). Masked execution is measured for contrast."""
     loops = LoopConfig(schedule="poisson", mean=8, bwd_depth=4, max_loops=64)
-    counts = mythos.model.loops.sample_loop_counts(loops, seed=0, step=0, global_batch=64)
+    counts = sample_loop_counts(loops, seed=0, step=0, global_batch=64)
     x = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
     cost = {}
     for execution in ("active", "masked"):
