@@ -55,6 +55,15 @@ def fail(exc: BaseException | str) -> int:
     return 2
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """``--run DIR`` (required) and ``--checkpoint TAG|latest|PATH``: the same two options, with
+    the same meaning, for every tool that loads a trained run (see :func:`resolve_checkpoint`)."""
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="training run directory (holds config.resolved.yaml, checkpoints/)")
+    p.add_argument("--checkpoint", default="latest", metavar="TAG|latest|PATH",
+                   help="tag (step0000200), 'latest' (the newest complete one) or a path (tag or exported model dir)")
+
+
 def parse_loops(text: str | int | None) -> list[int]:
     """``"1,2,4"`` as sorted unique loop counts >= 1; a :class:`ConfigError` for anything else."""
     try:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mythos.cli_common import fail, out_file, parse_loops
+from mythos.cli_common import add_run_arguments, fail, out_file, parse_loops
 from mythos.config import ConfigError
 from mythos.eval.device import ArgumentParser, add_device_args
 from mythos.io import atomic_write_text
@@ -230,10 +230,7 @@ def summary(results: dict[str, Any]) -> str:
 def build_parser() -> ArgumentParser:
     """The ``python -m mythos.eval`` / ``mythos-eval`` argument parser."""
     p = ArgumentParser(prog="python -m mythos.eval", description=__doc__)
-    p.add_argument("--run", required=True, metavar="DIR",
-                   help="training run directory (holds config.resolved.yaml, checkpoints/)")
-    p.add_argument("--checkpoint", default="latest", metavar="TAG|latest|PATH",
-                   help="tag (step0000200), 'latest' (the newest complete one) or a path (tag or exported model dir)")
+    add_run_arguments(p)
     p.add_argument("--loops", metavar="N[,N...]", default=",".join(map(str, DEFAULT_LOOPS)),
                    help="comma-separated RDT loop counts (ignored for dense)")
     p.add_argument("--multihop", default=None, metavar="TASK_DIR",

@@ -43,6 +43,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from mythos.cli_common import add_run_arguments
 from mythos.config import ConfigError
 from mythos.data.tokenizer import Tokenizer, find_tokenizer
 from mythos.eval.device import ArgumentParser, Progress, add_device_args, dtype_name, resolve
@@ -224,10 +225,7 @@ LM_EVAL_FILE = "lm_eval.json"
 def build_parser() -> ArgumentParser:
     """The ``python -m mythos.eval.lm_eval_adapter`` argument parser."""
     p = ArgumentParser(prog="python -m mythos.eval.lm_eval_adapter", description=__doc__)
-    p.add_argument("--run", required=True, metavar="DIR",
-                   help="training run directory (holds config.resolved.yaml, checkpoints/)")
-    p.add_argument("--checkpoint", default="latest", metavar="TAG|latest|PATH",
-                   help="tag (step0000200), 'latest' (the newest complete one) or a path (tag or exported model dir)")
+    add_run_arguments(p)
     p.add_argument("--loops", default=None, metavar="N[,N...]",
                    help="comma-separated RDT test-time loop counts, each evaluated in turn (default: the model's "
                         "eval depth)")
