@@ -256,6 +256,9 @@ class Trainer:
             return {}
         if not hasattr(self, "_token_bytes"):  # bits per byte need the tokenizer; None when it is not found
             self._token_bytes = TokenBytes.for_shards(self.cfg.data.shards)
+            if self._token_bytes is None:  # say so once, rather than leaving val/bpb silently out
+                self.logger.print(f"warning: the tokenizer of {self.cfg.data.shards} was not found: val/bpb is not "
+                                  "logged (python -m mythos.eval --tokenizer PATH computes it later)")
         self.engine.eval()
         try:
             res = evaluate(
