@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: A model small enough that a 2-rank step takes well under a second on 2 cores.
@@ -117,3 +119,21 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     proc.wait(timeout=60)
+
+
+def val_loss_of(model: torch.nn.Module, run: Path, world: int = 2, batches: int = 2, micro: int = 2) -> float:
+    """The trainer's periodic eval recomputed in this process: each rank's first ``batches`` val
+    batches (the run's ``train.eval_batches``), token-weighted over all ranks."""
+    from mythos.data import build_val_loader
+    from mythos.train.config import load_run_config
+
+    cfg = load_run_config(run / "config.resolved.yaml")
+    ce = tokens = 0.0
+    with torch.no_grad():
+        for rank in range(world):
+            for i, batch in enumerate(build_val_loader(cfg.data, micro, rank, world)):
+                if i == batches:
+                    break
+                out = model(batch["input_ids"], labels=batch["labels"])
+                ce, tokens = ce + float(out.ce_sum), tokens + float(out.n_tokens)
+    return ce / tokens

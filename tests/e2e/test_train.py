@@ -21,6 +21,7 @@ from train_utils import (
     run_training,
     start_training,
     train_losses,
+    val_loss_of,
     wait_for_step,
 )
 
@@ -109,24 +110,6 @@ def test_dataloader_workers_change_nothing(zero2_runs: dict[str, Path], shards: 
     assert train_losses(tmp_path / "workers") == train_losses(zero2_runs["rdt"])
 
 
-def _val_loss_of(model: torch.nn.Module, run: Path, world: int = 2, batches: int = 2, micro: int = 2) -> float:
-    """The trainer's periodic eval recomputed in this process: each rank's first ``batches`` val
-    batches (the run's ``train.eval_batches``), token-weighted over all ranks."""
-    from mythos.data import build_val_loader
-    from mythos.train.config import load_run_config
-
-    cfg = load_run_config(run / "config.resolved.yaml")
-    ce = tokens = 0.0
-    with torch.no_grad():
-        for rank in range(world):
-            for i, batch in enumerate(build_val_loader(cfg.data, micro, rank, world)):
-                if i == batches:
-                    break
-                out = model(batch["input_ids"], labels=batch["labels"])
-                ce, tokens = ce + float(out.ce_sum), tokens + float(out.n_tokens)
-    return ce / tokens
-
-
 def test_export_of_two_rank_zero_checkpoints(zero2_runs: dict[str, Path], tmp_path: Path) -> None:
     """`python -m mythos.export` of a real 2-rank ZeRO-2 checkpoint gives the model the run trained:
     its val loss (recomputed here from the exported weights) is the val loss the *live* run logged
@@ -144,7 +127,7 @@ def test_export_of_two_rank_zero_checkpoints(zero2_runs: dict[str, Path], tmp_pa
                        cwd=REPO, check=True, capture_output=True, timeout=300)
         models[name] = load_consolidated(out).eval()
         logged = {m["step"]: m["val/loss"] for m in metrics(run) if "val/loss" in m}
-        assert _val_loss_of(models[name], run) == pytest.approx(logged[4], abs=2e-6), name
+        assert val_loss_of(models[name], run) == pytest.approx(logged[4], abs=2e-6), name
     transformers = pytest.importorskip("transformers")
     hf_dir = tmp_path / "hf"
     subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint",

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_utils import REPO, TINY, run_training, train_losses
+from train_utils import REPO, TINY, metrics, run_training, train_losses, val_loss_of
 
 from mythos.config import ConfigError
 from mythos.train import reshard
@@ -174,3 +175,17 @@ def test_plan_needs_conversion_only_for_zero_shards_of_another_world_size(tmp_pa
         plan(3)
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         reshard.plan_resume(tmp_path, str(tmp_path / "nope"), 1, 8, 2)
+
+
+@pytest.mark.slow
+def test_export_after_a_world_size_change_is_the_trained_model(runs: dict, tmp_path: Path) -> None:
+    """ZeRO-1/2/3 export of the final checkpoint (2 ranks, after a 1-rank segment): the val loss
+    recomputed from the exported weights is the one the live run logged at that step."""
+    from mythos.export import load_consolidated
+
+    run = runs["root"] / "to2"
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint", str(run / "checkpoints" / "step0000009"),
+                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    logged = {m["step"]: m["val/loss"] for m in metrics(run) if "val/loss" in m}
+    assert val_loss_of(load_consolidated(out).eval(), run) == pytest.approx(logged[9], abs=2e-6), runs["stage"]
