@@ -137,3 +137,16 @@ def val_loss_of(model: torch.nn.Module, run: Path, world: int = 2, batches: int 
                 out = model(batch["input_ids"], labels=batch["labels"])
                 ce, tokens = ce + float(out.ce_sum), tokens + float(out.n_tokens)
     return ce / tokens
+
+
+#: An offline lm-eval multiple-choice task over ``{data}/mc.jsonl`` (context, choices, label), as
+#: a ``str.format`` template (``{data}``); prefix it with ``task: NAME``.
+LM_EVAL_MC_TASK = """dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}/mc.jsonl}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list: [{{metric: acc}}]
+"""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_utils import LM_EVAL_MC_TASK
 
 from mythos.config import REPO_ROOT, dump_yaml
 from mythos.data.tokenizer import Tokenizer
@@ -277,16 +278,7 @@ def test_hf_tokenizer_refuses_what_it_cannot_reproduce(tmp_path: Path, data_corp
         assert not (tmp_path / f"hf-{name}").exists()
 
 
-_MC_TASK = """task: export_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}/mc.jsonl}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list: [{{metric: acc}}]
-"""
+_MC_TASK = "task: export_mc\n" + LM_EVAL_MC_TASK
 #: (context, continuation): empty context (scored after the prefix token), left truncation past
 #: max_length=64, leading/double spaces, tab, newline, byte fallback
 _REQUESTS = [("To be, or not to be", ", that is the question"), ("", "Hello there"), ("My lord, I", " will"),

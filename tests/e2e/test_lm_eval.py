@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from train_utils import LM_EVAL_MC_TASK
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the dev extra: pip install -e '.[dev]'")
 
@@ -20,16 +21,7 @@ for _k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_k] = "1"  # nothing may be downloaded
 
 TASKS = {
-    "mythos_mc": """task: mythos_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}/mc.jsonl}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list: [{{metric: acc}}]
-""",
+    "mythos_mc": "task: mythos_mc\n" + LM_EVAL_MC_TASK,
     "mythos_ppl": """task: mythos_ppl
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}/ppl.jsonl}}}}
