@@ -282,7 +282,10 @@ def executed_loops(loops: LoopConfig, global_batch: int, *, steps: int = 2000) -
     at ``global_batch``, for HFU (:func:`mythos.model.loops.executed_loops` per step): with
     ``execution=active`` the sequences' own ``E[T]`` and ``E[min(T, bwd_depth)]`` (the model
     FLOPs); with ``masked`` the global batch's ``max T`` for every sequence. Monte Carlo over
-    ``steps`` steps of the real sampler (seed 0)."""
+    ``steps`` steps of the real sampler (seed 0). ``schedule=hops`` depends on the data: its
+    planning estimate (:func:`mythos.model.loops.expected_loops`) stands in."""
+    if loops.schedule == "hops":
+        return expected_loops(loops)
     per_step = torch.tensor([step_executed_loops(loops, sample_loop_counts(loops, 0, s, global_batch))
                              for s in range(steps)], dtype=torch.float64)
     return float(per_step[:, 0].mean()), float(per_step[:, 1].mean())

@@ -114,6 +114,15 @@ class Manifest:
     def num_samples(self, split: str) -> int:
         return sum(s.num_samples for s in self.split_shards(split))
 
+    def sample_hops(self, split: str) -> np.ndarray | None:
+        """``int64 [num_samples(split)]``: each sample's hop count (reasoning depth) in split
+        order, for the ``hops`` loop schedule; None when the shards do not record it (LM data).
+        Written by :mod:`mythos.tasks`; part of the data hash."""
+        hops = self.raw.get("sample_hops")
+        if hops is None:
+            return None
+        return np.asarray(hops.get(split, []), dtype=np.int64)
+
     @property
     def data_hash(self) -> str:
         """Identity of the *data*: sha256 over the content-defining fields (format, seq_len,
@@ -135,6 +144,8 @@ def data_hash(raw: dict[str, Any]) -> str:
     }
     if raw.get("loss_mask"):  # only masked (task) data has the key: LM data hashes are unchanged
         ident["loss_mask"] = True
+    if raw.get("sample_hops") is not None:  # the hops loop schedule trains on them: they are data
+        ident["sample_hops"] = raw["sample_hops"]
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -167,6 +178,11 @@ def load_manifest(directory: str | Path) -> Manifest:
             )
             for s in raw["shards"]
         )
+        for split, hops in (raw.get("sample_hops") or {}).items():
+            n = sum(s.num_samples for s in shards if s.split == split)
+            if len(hops) != n or (hops and min(hops) < 0):
+                raise DataFormatError(f"{path}: sample_hops[{split!r}] has {len(hops)} entries for {n} samples "
+                                      f"(or a negative count); rebuild the task with python -m mythos.tasks")
         return Manifest(
             directory=path.parent,
             format_version=raw["format_version"],

@@ -61,6 +61,20 @@ def to_batch(tokens: np.ndarray) -> Batch:
 Layout = Callable[[int], np.ndarray]
 
 
+class StepHops:
+    """``step -> int64 [B]``: the hop count of every global position's sample at ``step`` (for the
+    ``hops`` loop schedule). A pure function of the step through the data order, so, like the
+    samples themselves, independent of the world size and of where a run resumed. Picklable."""
+
+    def __init__(self, order: GlobalOrder, hops: np.ndarray):
+        if len(hops) != order.num_samples:
+            raise ValueError(f"{len(hops)} hop counts for {order.num_samples} training samples")
+        self.order, self.hops = order, hops
+
+    def __call__(self, step: int) -> np.ndarray:
+        return self.hops[self.order.global_batch(self.order.position(step))]
+
+
 class _MicroBatches(Dataset):
     """Micro-batch ``(epoch, offset, k, step)`` of this rank -> batch. Runs in DataLoader workers;
     the key alone determines the result, so which worker computes it does not matter."""
@@ -156,6 +170,18 @@ class TrainLoader:
         self._steps = 0
         self._samples_consumed = 0
         self._it: Iterator[Batch] | None = None
+
+    def use_layout(self, layout: Layout | None) -> None:
+        """Set the layout (e.g. one built from :meth:`step_hops`) before the first step."""
+        if self._it is not None:
+            raise RuntimeError("use_layout() after iteration started")
+        self.layout = layout
+
+    def step_hops(self) -> StepHops | None:
+        """The samples' hop counts by step and global position, or None when the shards record
+        none (``sample_hops`` in the manifest: task data) or the data is a mixture."""
+        hops = None if self.data.is_mixture else self.manifest.sample_hops("train")
+        return None if hops is None else StepHops(self.order, hops)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property

@@ -67,6 +67,11 @@ class GlobalOrder:
             return Position(pos.epoch + 1, 0)
         return pos
 
+    def position(self, step: int) -> Position:
+        """Where step ``step`` starts (steps run from Position(0, 0); a pure function of the step)."""
+        spe = self.steps_per_epoch
+        return Position(step // spe, (step % spe) * self.global_batch_size)
+
     def global_batch(self, pos: Position) -> np.ndarray:
         """``int64 [B]``: the samples of the step starting at ``pos`` (already normalized)."""
         pos = self.normalize(pos)

@@ -136,11 +136,14 @@ def write_example_shards(
     seq_len: int | None = None,
     samples_per_shard: int = 1 << 16,
     extra: Mapping[str, Any] | None = None,
+    hops: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Write ``{split: rows}`` (``train`` required, ``val`` optional) to ``out_dir`` with one
     example per sample and ``"loss_mask": true`` (see :mod:`mythos.data.format`); returns the
     manifest. ``seq_len`` defaults to the longest row minus one. ``extra`` is stored under
-    ``"task"`` (provenance, not part of the data hash). Raises ``ValueError`` on a bad row."""
+    ``"task"`` (provenance, not part of the data hash). ``hops`` (``{split: [hop count per row]}``)
+    is stored as ``sample_hops`` and *is* part of the data hash (the ``hops`` loop schedule trains
+    on it). Raises ``ValueError`` on a bad row."""
     tok = Tokenizer(tokenizer)
     if not splits.get("train"):
         raise ValueError("no training examples to write")
@@ -171,4 +174,10 @@ def write_example_shards(
         "shards": shards,
         "task": dict(extra or {}),
     }
+    if hops is not None:
+        for split in SPLITS:
+            if len(hops.get(split, [])) != len(splits.get(split, [])):
+                raise ValueError(f"hops[{split!r}] has {len(hops.get(split, []))} entries for "
+                                 f"{len(splits.get(split, []))} rows")
+        manifest["sample_hops"] = {split: [int(h) for h in hops.get(split, [])] for split in SPLITS}
     return write_manifest(out, manifest)

@@ -139,6 +139,7 @@ def run_eval(
     checkpoint: str | None = None,
     loops: Sequence[int] = DEFAULT_LOOPS,
     multihop: str | Path | None = None,
+    hops_offsets: Sequence[int] | None = None,
     out: str | Path | None = None,
     lm: bool = True,
     batch_size: int = 0,
@@ -151,7 +152,9 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``device`` in ``dtype`` (defaults: :func:`mythos.eval.device.resolve`)
     and write the results file; returns the results dict. ``tokenizer``: the shards' tokenizer
-    where the manifest's path no longer finds it; ``bpb=False`` skips bits per byte."""
+    where the manifest's path no longer finds it; ``bpb=False`` skips bits per byte.
+    ``hops_offsets``: multi-hop queries also run at ``T = hops + c`` per query (default: the RDT's
+    ``loops.hops_offset`` when it was trained with ``loops.schedule=hops``, else none)."""
     from mythos.eval.device import dtype_name, resolve
     from mythos.eval.loading import load_run, load_run_config_from_dir
     from mythos.eval.multihop import evaluate_multihop
@@ -195,11 +198,16 @@ def run_eval(
         results["lm"] = evaluate_lm(run, loops if is_rdt else (), bs, max_batches, device=dev, quiet=quiet,
                                     token_bytes=token_bytes)
     if multihop is not None:
-        res = evaluate_multihop(run.model, examples, loops if is_rdt else (), device=dev, quiet=quiet)
+        lc = run.cfg.model.loops
+        if hops_offsets is None:
+            hops_offsets = [lc.hops_offset] if is_rdt and lc.schedule == "hops" else []
+        res = evaluate_multihop(run.model, examples, loops if is_rdt else (),
+                                hops_offsets=hops_offsets if is_rdt else (), device=dev, quiet=quiet)
         tc = card["config"]
         chance = 1.0 / (tc["n_entities"] if card["task"] == "khop" else tc["n_nodes"])  # uniform guess
         results["multihop"] = {"task_dir": str(multihop), "task": card["task"], "data_hash": card["data_hash"],
-                               "train_hops": card["train_hops"], "chance": chance, **res}
+                               "train_hops": card["train_hops"], "chance": chance,
+                               "floor": card["structure"].get("floor"), **res}
     results["elapsed_s"] = round(time.perf_counter() - t0, 2)
     results["time"] = time.time()
     atomic_write_text(out_path, json.dumps(results, indent=2) + "\n")
@@ -222,7 +230,7 @@ def summary(results: dict[str, Any]) -> str:
         hops = list(mh["count"])
         lines.append(f"  {mh['task']} exact match by hops ({', '.join(hops)}); trained on {mh['train_hops']}")
         for key, acc in mh["accuracy"].items():
-            label = f"T={key}" if key != "default" else "default"
+            label = key if key == "default" or key.startswith("hops") else f"T={key}"
             lines.append(f"    {label:>7}: " + " ".join(f"{acc[h]:.2f}" for h in hops))
     return "\n".join(lines)
 
@@ -238,6 +246,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"results directory, writes {RESULTS.name} there (default: RUN/{RESULTS.parent}); "
                         "a .json path names the file itself")
+    p.add_argument("--hops-offsets", metavar="C[,C...]", default=None,
+                   help="multi-hop: also run each query at T = hops + C (default: the RDT's loops.hops_offset "
+                        "when it trained with loops.schedule=hops)")
     p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
     p.add_argument("--tokenizer", default=None,
                    help="the shards' tokenizer (dir or .model) when the manifest's recorded path no longer finds it")
@@ -251,7 +262,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
+        offsets = None if a.hops_offsets is None else [int(c) for c in a.hops_offsets.split(",") if c.strip()]
         res = run_eval(a.run, checkpoint=a.checkpoint, loops=parse_loops(a.loops), multihop=a.multihop, out=a.out,
+                       hops_offsets=offsets,
                        lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device,
                        dtype=a.dtype, quiet=a.quiet, tokenizer=a.tokenizer, bpb=not a.no_bpb)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

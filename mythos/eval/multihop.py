@@ -5,8 +5,10 @@ The test queries come from a task directory (``python -m mythos.tasks``): each h
 ``len(answer)`` tokens after the prompt; a query is correct iff they equal the answer exactly
 (:func:`mythos.tasks.exact_match`). Queries are batched by prompt/answer length, so no padding
 ever enters a prompt (batching cannot change a prediction), longest prompts first. The RDT runs
-every loop count in ``loops`` (more loops than it was trained with = more test-time depth); a
-dense model has one depth, reported under the key ``"default"``.
+every loop count in ``loops`` (more loops than it was trained with = more test-time depth) and,
+for each ``c`` in ``hops_offsets``, every query at its own ``T = hops + c`` (key ``"hops+c"``: how
+a model trained with ``loops.schedule=hops`` is meant to run); a dense model has one depth,
+reported under the key ``"default"``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def evaluate_multihop(
     examples: Sequence[dict[str, Any]],
     loops: Sequence[int] = (),
     *,
+    hops_offsets: Sequence[int] = (),
     batch_size: int = 256,
     device: str | torch.device | None = None,
     quiet: bool = True,
@@ -51,8 +54,11 @@ def evaluate_multihop(
     groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for e in examples:
         groups[len(e["prompt_ids"]), len(e["answer_ids"])].append(e)
-    settings: list[tuple[str, dict[str, int]]] = (
-        [(str(t), {"num_loops": int(t)}) for t in loops] if model.cfg.kind == "rdt" and loops else [(DEFAULT, {})]
+    is_rdt = model.cfg.kind == "rdt"
+    # (key, fixed T or None, per-query offset or None)
+    settings: list[tuple[str, int | None, int | None]] = (
+        [(str(t), int(t), None) for t in loops] + [(f"hops+{c}", None, int(c)) for c in hops_offsets]
+        if is_rdt and (loops or hops_offsets) else [(DEFAULT, None, None)]
     )
     count: dict[str, int] = defaultdict(int)
     for e in examples:
@@ -65,11 +71,16 @@ def evaluate_multihop(
                for lo in range(0, len(group), batch_size)]
     model.eval()
     accuracy: dict[str, dict[str, float]] = {}
-    for key, kwargs in settings:
+    for key, fixed, offset in settings:
         correct: dict[str, int] = defaultdict(int)
         prog = Progress("multihop" if key == DEFAULT else f"multihop T={key}", len(batches), quiet=quiet)
         for i, (n_answer, chunk) in enumerate(batches):
             prompt = torch.tensor([e["prompt_ids"] for e in chunk], dtype=torch.long, device=device)
+            kwargs: dict[str, Any] = {}
+            if fixed is not None:
+                kwargs["num_loops"] = fixed
+            elif offset is not None:  # CPU tensor: the loop counts steer Python control flow
+                kwargs["loop_counts"] = torch.tensor([max(e["hops"] + offset, 1) for e in chunk], dtype=torch.long)
             out = model.generate(prompt, n_answer, **kwargs)[:, prompt.shape[1]:].tolist()
             for e, pred in zip(chunk, out):
                 correct[str(e["hops"])] += exact_match(pred, e["answer_ids"])

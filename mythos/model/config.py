@@ -15,11 +15,18 @@ from typing import Literal
 class LoopConfig:
     """How many times the recurrent core runs, and how far gradients flow back through it."""
 
-    schedule: Literal["poisson", "lognormal_poisson", "fixed"] = "poisson"
+    schedule: Literal["poisson", "lognormal_poisson", "fixed", "hops"] = "poisson"
     """``poisson``: per sequence ``T = max(Poisson(mean), 1)`` (Parcae). ``lognormal_poisson``:
-    one T per global batch from Huginn's log-normal Poisson. ``fixed``: always ``mean``."""
+    one T per global batch from Huginn's log-normal Poisson. ``fixed``: always ``mean``.
+    ``hops``: per sequence ``T = hops + hops_offset``, the sample's reasoning depth read from the
+    task shards (``sample_hops`` in the manifest, :mod:`mythos.tasks`): on the multi-hop tasks a
+    loop count independent of the hop count trains a T-invariant, memorising solution
+    (docs/multihop_exploration.md)."""
     mean: float = 8.0
-    """Mean loop count during training (Parcae mu=8; Huginn 32)."""
+    """Mean loop count during training (Parcae mu=8; Huginn 32). With ``schedule=hops`` only the
+    planning estimate of ``E[T]`` (FLOPs accounting before any data is read)."""
+    hops_offset: int = 1
+    """``schedule=hops``: loops beyond the hop count (one iteration to read the query)."""
     bwd_depth: int = 4
     """Truncated backprop: gradients through the last ``min(T, bwd_depth)`` iterations
     (Parcae mu_bwd=4; Huginn k=8). ``0`` means full backprop through every iteration."""
@@ -42,6 +49,8 @@ class LoopConfig:
             raise ValueError(f"loops.bwd_depth must be >= 0, got {self.bwd_depth}")
         if self.max_loops < 1:
             raise ValueError(f"loops.max_loops must be >= 1, got {self.max_loops}")
+        if self.hops_offset < 0:
+            raise ValueError(f"loops.hops_offset must be >= 0, got {self.hops_offset}")
         if self.schedule == "fixed" and not float(self.mean).is_integer():
             raise ValueError(f"loops.mean must be an integer for schedule=fixed, got {self.mean}")
 

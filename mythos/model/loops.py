@@ -25,14 +25,25 @@ def _generator(seed: int, step: int) -> torch.Generator:
     return g
 
 
-def sample_loop_counts(cfg: LoopConfig, seed: int, step: int, global_batch: int) -> torch.Tensor:
+def sample_loop_counts(cfg: LoopConfig, seed: int, step: int, global_batch: int,
+                       hops: torch.Tensor | None = None) -> torch.Tensor:
     """Loop counts ``T [global_batch]`` (int64, in ``[1, cfg.max_loops]``) for one training step.
 
     - ``poisson`` (Parcae): per sequence ``T_i = max(Poisson(mean), 1)``;
     - ``lognormal_poisson`` (Huginn): one ``T = Poisson(exp(tau)) + 1`` per batch with
       ``tau ~ N(log(mean) - sigma^2/2, sigma)`` (so ``E[T] ~= mean + 1``);
-    - ``fixed``: ``mean`` for every sequence.
+    - ``fixed``: ``mean`` for every sequence;
+    - ``hops``: ``T_i = hops_i + hops_offset`` from the samples' hop counts ``hops [global_batch]``
+      (a function of the sample, hence of the global position through the data order).
     """
+    if cfg.schedule == "hops":
+        if hops is None:
+            raise ValueError("loops.schedule=hops needs every sample's hop count: train on task shards "
+                             "that record sample_hops (python -m mythos.tasks), or pass loop_counts")
+        h = torch.as_tensor(hops, dtype=torch.long)
+        if h.shape != (global_batch,):
+            raise ValueError(f"hops must have shape [{global_batch}], got {tuple(h.shape)}")
+        return (h + cfg.hops_offset).clamp(1, cfg.max_loops)
     if cfg.schedule == "fixed":
         return torch.full((global_batch,), int(cfg.mean), dtype=torch.long)
     g = _generator(seed, step)
@@ -47,7 +58,10 @@ def sample_loop_counts(cfg: LoopConfig, seed: int, step: int, global_batch: int)
 
 def expected_loops(cfg: LoopConfig, samples: int = 200_000) -> tuple[float, float]:
     """``(E[T], E[min(T, bwd_depth)])`` under the schedule (Monte Carlo, fixed seed), for FLOPs
-    accounting. ``bwd_depth = 0`` means full backprop, so ``E[k] = E[T]``."""
+    accounting. ``bwd_depth = 0`` means full backprop, so ``E[k] = E[T]``. With ``schedule=hops`` T
+    depends on the data, so ``mean`` stands for ``E[T]`` (set it to the task's mean hops + offset)."""
+    if cfg.schedule == "hops":
+        return float(cfg.mean), float(cfg.mean if cfg.bwd_depth == 0 else min(cfg.mean, cfg.bwd_depth))
     t = sample_loop_counts(cfg, seed=1234, step=0, global_batch=samples).double()
     if cfg.schedule == "lognormal_poisson":  # one draw per batch: average over many batches
         t = torch.cat([sample_loop_counts(cfg, 1234, s, 1).double() for s in range(20_000)])

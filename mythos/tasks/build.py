@@ -43,6 +43,7 @@ def build_task(cfg: TaskConfig, out_dir: str | Path) -> dict[str, Any]:
         tok_dir,
         rows,
         extra={"kind": cfg.kind, "config": to_dict(cfg)},
+        hops={s: [ex.hops for ex in data.splits[s]] for s in ("train", "val")},
     )
     lines = []
     for ex in data.splits["test"]:

@@ -195,7 +195,26 @@ def _generate_khop(cfg: TaskConfig, rng: np.random.Generator) -> tuple[dict[str,
     order = rng.permutation(len(train))
     train = [train[i] for i in order.tolist()]
     structure = {"relations": relations.tolist(), "num_facts": len(facts)}
+    if cfg.n_relations == 1:
+        structure["floor"] = _shortcut_floor(relations[0], test, cfg.train_max_hops)
     return {"train": train, "val": val, "test": test}, structure
+
+
+def _shortcut_floor(pi: np.ndarray, test: list[Example], train_max_hops: int) -> dict[str, float]:
+    """Single relation: per test hop count k, the best exact match of answering every k-hop query
+    with ``pi^j(start)`` for one trained depth ``j <= train_max_hops`` -- what a model that runs a
+    fixed, trained depth gets for free (cycles of pi make ``pi^k == pi^j`` on some starts). An
+    unseen-hop accuracy means depth extrapolation only above this floor."""
+    powers = [np.arange(len(pi))]
+    for _ in range(max(e.hops for e in test)):
+        powers.append(pi[powers[-1]])
+    floor: dict[str, float] = {}
+    for k in sorted({e.hops for e in test}):
+        qs = [e for e in test if e.hops == k]
+        starts = np.array([int(e.prompt[0][1:]) for e in qs])
+        answers = np.array([int(e.answer[0][1:]) for e in qs])
+        floor[str(k)] = max(float((powers[j][starts] == answers).mean()) for j in range(1, train_max_hops + 1))
+    return floor
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,13 @@ def check_run(cfg: RunConfig, world_size: int) -> dict:
             f"shards hold sequences of {manifest.seq_len} tokens but model.max_seq_len={cfg.model.max_seq_len}; "
             f"raise model.max_seq_len or re-shard with a shorter --seq-len"
         )
+    if cfg.model.kind == "rdt" and cfg.model.loops.schedule == "hops" and (
+            data.is_mixture or manifest.sample_hops("train") is None):
+        raise ConfigError(
+            f"model.loops.schedule=hops needs each sample's hop count, but {where} "
+            f"{'is a mixture' if data.is_mixture else 'records none (no sample_hops in its manifest)'}; "
+            f"train on a task built by python -m mythos.tasks, or use another schedule"
+        )
     train_samples = data.num_train_samples
     steps_per_epoch = train_samples // t.global_batch_size
     tokens_per_step = t.global_batch_size * manifest.seq_len

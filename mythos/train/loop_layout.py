@@ -1,8 +1,9 @@
 """Which rank and micro-batch runs each sample of an RDT step, chosen by the samples' loop counts.
 
 Every sample's loop count ``T`` is a pure function of ``(seed, step, global position)``
-(:func:`mythos.model.loops.sample_loop_counts`), so it does not depend on the world size and a
-resumed run redraws it exactly. Only *who* runs a sample depends on the layout:
+(:func:`mythos.model.loops.sample_loop_counts`; with ``schedule=hops`` of the hop count of the
+sample at that position, :class:`mythos.data.loader.StepHops`), so it does not depend on the world
+size and a resumed run redraws it exactly. Only *who* runs a sample depends on the layout:
 
 1. the step's ``B`` positions are ordered by ``T`` (descending; ties by position);
 2. the ordered list is cut into ``accum`` groups of ``W * m``: group ``k`` is micro-batch ``k`` of
@@ -22,6 +23,8 @@ rank ``r`` the contiguous slice ``[r * B/W, (r+1) * B/W)`` cut into micro-batche
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -33,8 +36,10 @@ class LoopLayout:
     """Layout of an RDT step. Picklable (the loader's workers call it)."""
 
     def __init__(self, loops: LoopConfig, seed: int, global_batch: int, micro_batch: int, world_size: int,
-                 *, lockstep: bool) -> None:
+                 *, lockstep: bool, step_hops: Callable[[int], np.ndarray] | None = None) -> None:
         self.loops, self.seed = loops, seed
+        self.step_hops = step_hops
+        """``schedule=hops``: ``step -> hop count [B]`` of the samples by global position."""
         self.global_batch, self.micro_batch, self.world_size = global_batch, micro_batch, world_size
         self.accum = global_batch // (micro_batch * world_size)
         self.lockstep = lockstep
@@ -44,7 +49,7 @@ class LoopLayout:
     @property
     def per_sequence(self) -> bool:
         """False when every sample of a step has the same T (fixed / per-batch schedules)."""
-        return self.loops.schedule == "poisson"
+        return self.loops.schedule in ("poisson", "hops")
 
     def counts(self, step: int) -> torch.Tensor:
         """``T [B]`` (int64, CPU) by global position."""
@@ -56,7 +61,8 @@ class LoopLayout:
 
     def _plan(self, step: int) -> tuple[int, torch.Tensor, np.ndarray]:
         if self._cache is None or self._cache[0] != step:
-            counts = sample_loop_counts(self.loops, self.seed, step, self.global_batch)
+            hops = None if self.step_hops is None else torch.from_numpy(self.step_hops(step))
+            counts = sample_loop_counts(self.loops, self.seed, step, self.global_batch, hops)
             self._cache = (step, counts, self._order(counts.numpy()))
         return self._cache
 

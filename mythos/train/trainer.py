@@ -96,13 +96,15 @@ class Trainer:
         torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (nothing draws it today)
 
         # data: the RDT's layout decides which rank / micro-batch runs each sample, by loop count
+        self.loader = build_train_loader(
+            cfg.data, t.global_batch_size, t.micro_batch_size, self.info.rank, self.info.world_size
+        )
         self.layout = LoopLayout(
             cfg.model.loops, t.seed, t.global_batch_size, t.micro_batch_size, self.info.world_size,
             lockstep=self.zero_stage == 3,  # ZeRO-3: same number of core calls on every rank
+            step_hops=self.loader.step_hops() if cfg.model.loops.schedule == "hops" else None,
         ) if cfg.model.kind == "rdt" else None
-        self.loader = build_train_loader(
-            cfg.data, t.global_batch_size, t.micro_batch_size, self.info.rank, self.info.world_size, self.layout
-        )
+        self.loader.use_layout(self.layout)
         self.val_loader = build_val_loader(cfg.data, t.micro_batch_size, self.info.rank, self.info.world_size)
         self.fingerprint = self.loader.fingerprint()
         self.tokens_per_step = t.global_batch_size * self.plan["seq_len"]
