@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-fast test-e2e lint demo data clean gpu-check
+.PHONY: install test test-fast test-e2e lint demo experiment data clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,9 +40,13 @@ data: install
 demo: install
 	bash launch/demo.sh
 
+# issue 14: the CPU analogue of the claim, 2 seeds per arm (< 60 min on 2 cores); runs/experiment/report
+experiment: install
+	bash launch/experiment.sh
+
 # GPU acceptance (gpu-marked tests + bf16 MFU of dense-1.3b / rdt-770m); skips without CUDA
 gpu-check: install
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) runs/demo data/demo
+	rm -rf $(VENV) runs/demo runs/experiment data/demo data/multihop
