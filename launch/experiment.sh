@@ -22,7 +22,7 @@ LM_TOKENS=${EXP_LM_TOKENS:-786432}    # per LM run (192 steps of 16 x 256 tokens
 MH_STEPS=${EXP_MH_STEPS:-2000}        # per multi-hop run (batch 128)
 OUT=${EXP_OUT:-runs/experiment}
 TASK=data/multihop/chain
-MH_LOOPS=1,2,3,4,5,6,7,8,10,12,14,16,20,24,32
+MH_LOOPS=1,2,4,6,8,12,16,32
 LM_LOOPS=1,2,4,8,16,32
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning
 START=$(date +%s)

@@ -1,0 +1,119 @@
+"""Plots of the experiment report (:mod:`mythos.experiment_report`): seed means with min-max bands.
+
+Inputs are the report's run lists and summaries; each function writes one PNG (matplotlib, Agg).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mythos.compare import Run, _plt, _save
+
+COLORS = {"a": "tab:blue", "b": "tab:orange"}
+SMOOTH_POINTS = 25
+"""Train loss is a trailing running mean over ``ceil(n / SMOOTH_POINTS)`` logged points."""
+
+
+def _finish(fig: Any, axes: Sequence[Any], path: Path, xlabel: str, ylabel: str, **legend: Any) -> None:
+    """Label, grid and legend (``legend``: its keywords) ``axes``; save ``fig`` to ``path`` and close it."""
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(**{"fontsize": 8, **legend})
+    axes[0].set_ylabel(ylabel)
+    _save(fig, path)
+    _plt().close(fig)
+
+
+def _band(runs: Sequence[Run], rows: str, x_key: str, y_key: str) -> tuple[list[float], ...]:
+    """``(x, mean, min, max)`` over seeds at the steps every run logged (train rows smoothed)."""
+    per_run = []
+    for r in runs:
+        got = [(row["step"], row.get(x_key, math.nan), row[y_key]) for row in getattr(r, rows) if y_key in row]
+        ys, w = [y for _, _, y in got], max(1, math.ceil(len(got) / SMOOTH_POINTS)) if rows == "train" else 1
+        ys = [statistics.fmean(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]  # trailing running mean
+        per_run.append({s: (x, y) for (s, x, _), y in zip(got, ys)})
+    steps = sorted(set.intersection(*(set(p) for p in per_run)))
+    xs = [statistics.fmean(p[s][0] for p in per_run) for s in steps]
+    ys = [[p[s][1] for p in per_run] for s in steps]
+    return xs, [statistics.fmean(v) for v in ys], [min(v) for v in ys], [max(v) for v in ys]
+
+
+def plot_loss(arms: dict[str, Sequence[Run]], x_key: str, xlabel: str, path: Path) -> None:
+    """Train loss (smoothed, seed mean, min-max band) and val loss (seed mean, min-max bars) vs ``x_key``."""
+    fig, ax = _plt().subplots(figsize=(6.8, 4.4))
+    for key, runs in arms.items():
+        c, name = COLORS[key], runs[0].name
+        xs, mean, lo, hi = _band(runs, "train", x_key, "train/loss")
+        ax.plot(xs, mean, color=c, lw=1.4, label=f"{name} train (mean of {len(runs)} seed(s))")
+        ax.fill_between(xs, lo, hi, color=c, alpha=0.2, lw=0)
+        vx, vm, vlo, vhi = _band(runs, "val", x_key, "val/loss")
+        if vx:
+            err = [[m - lo_ for m, lo_ in zip(vm, vlo)], [hi_ - m for m, hi_ in zip(vm, vhi)]]
+            ax.errorbar(vx, vm, yerr=err, fmt="o--", color=c, ms=5, capsize=3, label=f"{name} val")
+    ax.set_title(f"Loss vs {xlabel} (band / bars: min-max over seeds)")
+    if x_key == "train/flops":
+        ax.set_xscale("log")
+    _finish(fig, [ax], path, xlabel, "loss (nats/token)")
+
+
+def plot_loops(lm: dict[str, Any], path: Path) -> bool:
+    """Arm a's val loss per loop count (seed mean, band) and arm b's final val loss as a line."""
+    by = lm["a"]["loss_by_loops"]
+    if not by:
+        return False
+    fig, ax = _plt().subplots(figsize=(6.4, 4.2))
+    ts = sorted(by, key=int)
+    x = [int(t) for t in ts]
+    ax.plot(x, [by[t]["mean"] for t in ts], "o-", color=COLORS["a"], label=f"{lm['a']['name']} (seed mean)")
+    ax.fill_between(x, [by[t]["min"] for t in ts], [by[t]["max"] for t in ts], color=COLORS["a"], alpha=0.2, lw=0)
+    fb = lm["b"]["final_val_loss"]
+    ax.axhline(fb["mean"], color=COLORS["b"], ls="--", label=f"{lm['b']['name']} (seed mean)")
+    ax.axhspan(fb["min"], fb["max"], color=COLORS["b"], alpha=0.15, lw=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, ts)
+    ax.set_title("Val loss vs test-time loops (band: min-max over seeds)")
+    _finish(fig, [ax], path, "loop count T at evaluation", f"val loss (nats/token, {lm['val_loss_source']})")
+    return True
+
+
+def plot_multihop(mh: dict[str, Any], path: Path) -> None:
+    """Left: accuracy vs hops per key (seed means; colormap over T, per-query key thick, arm b
+    black dashed), trained hops shaded, chance dotted. Right: per seed, the primary rows."""
+    fig, (ax, ax2) = _plt().subplots(2, 1, figsize=(8, 9))  # legends outside, right of each panel
+    cmap, th, hx = _plt().get_cmap("viridis"), mh["train_hops"], [int(h) for h in mh["hops"]]
+    for a in (ax, ax2):
+        a.axvspan(0.5, th + 0.5, color="0.9", label=f"trained hops 1..{th}")
+        a.set_ylim(-0.02, 1.02)
+        if mh["chance"]:
+            a.axhline(mh["chance"], color="k", ls=":", lw=1, label=f"chance ({mh['chance']:.3f})")
+        if mh.get("floor"):
+            a.step(hx, [mh["floor"][h] for h in mh["hops"]], where="mid", color="0.5", ls=":", lw=1.5,
+                   label="shortcut floor (best fixed trained depth)")
+    a_arm, b_arm = mh["a"], mh["b"]
+    fixed = sorted((k for k in a_arm["curves"] if k.isdigit()), key=int)
+    top = math.log2(max(int(k) for k in fixed)) if fixed else 1.0
+    for k, curve in a_arm["curves"].items():
+        ys = [curve[h] for h in mh["hops"]]
+        if k.isdigit():
+            ax.plot(hx, ys, "o-", ms=3, lw=1, color=cmap(math.log2(int(k)) / max(top, 1e-9)),
+                    label=f"{a_arm['name']} T={k}")
+        elif k.startswith("hops"):
+            ax.plot(hx, ys, "o-", ms=5, lw=3.2, color="crimson", label=f"{a_arm['name']} T={k}", zorder=5)
+        else:
+            ax.plot(hx, ys, "o-", ms=3, lw=1.5, color="0.4", label=f"{a_arm['name']} {k}")
+    for k, curve in b_arm["curves"].items():
+        ax.plot(hx, [curve[h] for h in mh["hops"]], "s--", color="k", lw=2, label=f"{b_arm['name']} ({k})")
+    for arm, ls in ((a_arm, "-"), (b_arm, "--")):
+        seeds = [r for r in arm["rows"] if r["key"] == arm["in_distribution"]["key"]][0]
+        for i, seed in enumerate(arm["seeds"]):
+            acc = [seeds["curve"][h]["per_seed"][i] for h in mh["hops"]]
+            ax2.plot(hx, acc, ls, marker="o", ms=3, color=f"C{i}", label=f"{arm['name']} {seeds['label']}, {seed}")
+    ax.set_title("exact match vs hops (seed mean per test-time T)")
+    ax2.set_title("per seed: primary rows")
+    _finish(fig, [ax, ax2], path, "hops", "exact-match accuracy", fontsize=7, loc="upper left",
+            bbox_to_anchor=(1.01, 1.0))
