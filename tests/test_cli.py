@@ -42,6 +42,8 @@ TOOLS: list[tuple[str, list[str], str, list[str]]] = [
     ("compare", ["-m", "mythos.compare"], "mythos.compare:build_parser",
      ["--a", MISSING, "--b", MISSING, "--out", "{tmp}/report"]),
     ("compare-launch", ["launch/compare.py"], "mythos.compare:build_parser", [MISSING, MISSING, "--out", "{tmp}/r"]),
+    ("experiment-report", ["-m", "mythos.experiment_report"], "mythos.experiment_report:build_parser",
+     ["--out", "{tmp}/r", "--lm-a", MISSING, "--lm-b", MISSING]),
     ("accounting", ["-m", "mythos.accounting"], "mythos.accounting:build_parser", [f"{MISSING}.yaml"]),
     ("tasks", ["-m", "mythos.tasks"], "mythos.tasks.build:build_parser",
      ["--config", f"{MISSING}.yaml", "--out", "{tmp}/task"]),

@@ -25,7 +25,7 @@ from train_utils import TINY, ds_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("mythos-train", "mythos-prep", "mythos-tokenizer", "mythos-eval", "mythos-export", "mythos-plan",
-            "mythos-compare", "mythos-accounting")
+            "mythos-compare", "mythos-experiment-report", "mythos-accounting")
 WORDS = ["the", "king", "queen", "sword", "crown", "river", "castle", "night", "morning", "speaks", "walks", "sees",
          "a", "of", "and", "to", "in", "with", "gold", "silver", "old", "young", "brave", "fair", "dark", "light"]
 
