@@ -368,6 +368,8 @@ class ValLoader:
         self.indices = np.arange(rank * per_rank, min((rank + 1) * per_rank, n), dtype=np.int64)
         self.num_batches = math.ceil(per_rank / batch_size)
         self.num_samples = n
+        self.hops = None if data.is_mixture else self.manifest.sample_hops("val")
+        """Each val sample's hop count (task shards), handed out as ``batch["hops"]`` (0 on padding)."""
 
     def __len__(self) -> int:
         return self.num_batches
@@ -377,16 +379,15 @@ class ValLoader:
         for j in range(self.num_batches):
             real = self.indices[j * b : (j + 1) * b]
             batch = to_batch(self.samples.get_many(real)) if len(real) else None
-            if len(real) == b:
-                yield batch  # type: ignore[misc]
-                continue
             pad = b - len(real)
-            ids = torch.full((pad, width), self.manifest.pad_id, dtype=torch.long)
-            lab = torch.full((pad, width), IGNORE_INDEX, dtype=torch.long)
-            if batch is None:
-                yield {"input_ids": ids, "labels": lab}
-            else:
-                yield {"input_ids": torch.cat([batch["input_ids"], ids]), "labels": torch.cat([batch["labels"], lab])}
+            if pad:
+                ids = torch.full((pad, width), self.manifest.pad_id, dtype=torch.long)
+                lab = torch.full((pad, width), IGNORE_INDEX, dtype=torch.long)
+                batch = {"input_ids": ids, "labels": lab} if batch is None else {
+                    "input_ids": torch.cat([batch["input_ids"], ids]), "labels": torch.cat([batch["labels"], lab])}
+            if self.hops is not None:
+                batch["hops"] = torch.from_numpy(np.concatenate([self.hops[real], np.zeros(pad, dtype=np.int64)]))
+            yield batch  # type: ignore[misc]
 
 
 def build_train_loader(

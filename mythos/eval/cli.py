@@ -89,7 +89,7 @@ def evaluate_lm(
     finds the tokenizer (:func:`resolve_token_bytes`), None skips bpb."""
     from mythos.data import build_val_loader
     from mythos.eval.device import Progress
-    from mythos.train.evaluate import eval_loop_counts, evaluate
+    from mythos.train.evaluate import default_eval_loops, eval_loop_counts, evaluate
 
     cfg = run.cfg
     val = build_val_loader(cfg.data, batch_size)
@@ -123,7 +123,7 @@ def evaluate_lm(
         "bpb_method": BPB_EXACT if token_bytes else BPB_SKIPPED,
     }
     if cfg.model.kind == "rdt":
-        out["default_loops"] = int(cfg.model.loops.eval_loops or round(cfg.model.loops.mean))
+        out["default_loops"] = default_eval_loops(cfg.model)
         out["by_loops"] = {
             k.split("@")[1]: {"loss": v, "ppl": res[f"val/ppl@{k.split('@')[1]}"],
                               "bpb": res.get(f"val/bpb@{k.split('@')[1]}")}

@@ -59,12 +59,35 @@ class TokenBytes:
         return (n.clamp(min=0) * valid).sum()
 
 
-def eval_loop_counts(cfg: ModelConfig, extra: Sequence[int]) -> list[int | None]:
-    """``[None]`` for a dense model; the RDT's default eval depth plus ``extra``, sorted."""
+def default_eval_loops(cfg: ModelConfig) -> int | str:
+    """The RDT's default eval depth: ``loops.eval_loops`` or ``round(loops.mean)``; for a model
+    trained with ``loops.schedule=hops`` the per-sample ``"hops+c"`` (each sample at its own hop
+    count + offset, as in training)."""
+    if cfg.loops.schedule == "hops" and not cfg.loops.eval_loops:
+        return f"hops+{cfg.loops.hops_offset}"
+    return int(cfg.loops.eval_loops or round(cfg.loops.mean))
+
+
+def eval_loop_counts(cfg: ModelConfig, extra: Sequence[int]) -> list[int | str | None]:
+    """The passes :func:`evaluate` makes, in order: ``[None]`` for a dense model; for the RDT its
+    default depth (:func:`default_eval_loops`) and ``extra``, integers sorted (a per-sample
+    ``"hops+c"`` default comes first)."""
     if cfg.kind == "dense":
         return [None]
-    default = int(cfg.loops.eval_loops or round(cfg.loops.mean))
+    default = default_eval_loops(cfg)
+    if isinstance(default, str):
+        return [default, *sorted(set(extra))]
     return sorted({default, *extra})
+
+
+def _loop_kwargs(t: int | str | None, batch: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, object]:
+    if t is None:
+        return {}
+    if isinstance(t, int):
+        return {"num_loops": t}
+    if "hops" not in batch:  # shards without hop counts: the schedule's planning mean instead
+        return {"num_loops": max(1, round(cfg.loops.mean))}
+    return {"loop_counts": (batch["hops"] + cfg.loops.hops_offset).clamp(1, cfg.loops.max_loops)}
 
 
 @torch.no_grad()
@@ -79,18 +102,19 @@ def evaluate(
     token_bytes: TokenBytes | None = None,
 ) -> dict[str, float]:
     """Returns ``{"val/loss", "val/ppl", "val/tokens"}`` (+ ``"val/bpb", "val/bytes"`` with
-    ``token_bytes``) at the default depth and, for the RDT, ``val/loss@T`` / ``val/ppl@T`` /
-    ``val/bpb@T`` for each loop count. ``forward`` is the engine or module (already in eval
+    ``token_bytes``) at the default depth (:func:`default_eval_loops`; per sample ``hops + c`` for
+    the ``hops`` schedule, from the val batches' ``hops``) and, for the RDT, ``val/loss@T`` /
+    ``val/ppl@T`` / ``val/bpb@T`` for each integer loop count. ``forward`` is the engine or module (already in eval
     mode); ``batches()`` yields a fresh pass over this rank's val batches."""
     out: dict[str, float] = {}
     counts = eval_loop_counts(model_cfg, loops)
-    default = counts[0] if model_cfg.kind == "dense" else int(model_cfg.loops.eval_loops or round(model_cfg.loops.mean))
+    default = counts[0] if model_cfg.kind == "dense" else default_eval_loops(model_cfg)
     for t in counts:
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # ce nats, tokens, bytes
         for i, batch in enumerate(batches()):
             if max_batches and i >= max_batches:
                 break
-            kwargs = {} if t is None else {"num_loops": t}
+            kwargs = _loop_kwargs(t, batch, model_cfg)
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             res = forward(ids, labels=labels, **kwargs)
             sums[0] += res.ce_sum.double()
@@ -101,7 +125,7 @@ def evaluate(
         loss = (sums[0] / sums[1].clamp(min=1)).item()
         ppl = math.exp(min(loss, 50.0))
         bpb = (sums[0] / math.log(2) / sums[2]).item() if token_bytes is not None and sums[2] > 0 else None
-        if t is not None:
+        if isinstance(t, int):
             out[f"val/loss@{t}"], out[f"val/ppl@{t}"] = loss, ppl
             if bpb is not None:
                 out[f"val/bpb@{t}"] = bpb

@@ -145,3 +145,27 @@ def test_single_relation_floor_is_the_best_fixed_trained_depth(chain_task: Path)
             best = max(best, hit / len(qs))
         assert floor == pytest.approx(best), hops
     assert card["structure"]["floor"]["5"] == 1.0 and min(card["structure"]["floor"].values()) < 1.0
+
+
+def test_val_loss_of_a_hops_model_runs_each_sample_at_its_hops(chain_task: Path) -> None:
+    """The trainer's / mythos.eval's default val loss of a ``hops`` model is the token-weighted loss
+    of every val sample run alone at T = its hops + 1 (padding rows of the last batch included)."""
+    from mythos.data import build_val_loader
+    from mythos.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(kind="rdt", vocab_size=32, d_model=32, n_heads=2, max_seq_len=32, n_core=1, loops=HOPS,
+                       zero_init_out=False, init_std=0.3)
+    model = build_model(mcfg).eval()
+    cfg = from_dict(DataConfig, {"shards": str(chain_task / "shards")})
+    val = build_val_loader(cfg, 3)
+    hops = load_manifest(chain_task / "shards").sample_hops("val")
+    assert len(hops) == 4 and len(set(hops.tolist())) > 1  # 2 batches, the second padded; mixed hop counts
+    res = evaluate(model, lambda: iter(val), mcfg, torch.device("cpu"), loops=[1])
+    ce, n = 0.0, 0
+    for batch in build_val_loader(cfg, 1):
+        with torch.no_grad():
+            out = model(batch["input_ids"], labels=batch["labels"], num_loops=int(batch["hops"][0]) + 1)
+        ce, n = ce + float(out.ce_sum), n + int(out.n_tokens)
+    assert res["val/loss"] == pytest.approx(ce / n, rel=1e-5)
+    assert res["val/loss@1"] != pytest.approx(res["val/loss"], rel=1e-3) and "val/loss@hops+1" not in res
