@@ -228,12 +228,13 @@ def plan(
 
 def format_table(p: dict[str, Any]) -> str:
     a, b = p["arms"]
+    w = max(18, len(a["name"]) + 2, len(b["name"]) + 2)  # long run names stay apart
 
     def row(label: str, fmt: str, key: str) -> str:
         vals = [(fmt.format(x[key]) if x[key] is not None else "-") for x in (a, b)]
-        return f"  {label:<34}{vals[0]:>18}{vals[1]:>18}"
+        return f"  {label:<34}{vals[0]:>{w}}{vals[1]:>{w}}"
 
-    lines = [f"matching: {p['match']} -- {p['description']}", f"  {'':<34}{a['name']:>18}{b['name']:>18}"]
+    lines = [f"matching: {p['match']} -- {p['description']}", f"  {'':<34}{a['name']:>{w}}{b['name']:>{w}}"]
     lines += [
         row("kind", "{}", "kind"),
         row("params (M)", "{:.1f}", "params"),
