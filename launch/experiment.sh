@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 SEEDS=${EXP_SEEDS:-"1 2"}
-LM_TOKENS=${EXP_LM_TOKENS:-786432}    # per LM run (192 steps of 16 x 256 tokens)
+LM_TOKENS=${EXP_LM_TOKENS:-1572864}   # per LM run (384 steps of 16 x 256 tokens)
 MH_STEPS=${EXP_MH_STEPS:-2000}        # per multi-hop run (batch 128)
 OUT=${EXP_OUT:-runs/experiment}
 TASK=data/multihop/chain
