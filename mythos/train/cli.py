@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
         return 3
     except Exception as exc:
         return fail(exc, process)
+    from mythos import dist
+
+    dist.finish()
     return 0
 
 

@@ -93,3 +93,17 @@ def test_consumed_record_chains_resumes_and_refuses_wrong_data(tmp_path: Path) -
     assert len(read_consumed(tmp_path / "ref")) == 6
     with pytest.raises(RuntimeError, match="step 7: the ranks trained on samples that differ"):
         run.add(7, steps[0], steps[1], 8)
+
+
+def test_finish_destroys_the_process_group(tmp_path) -> None:
+    """A run that succeeded tears its process group down before the interpreter exits (Gloo
+    threads alive at finalisation can abort a finished rank with exit -6)."""
+    import torch.distributed as tdist
+
+    from mythos import dist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.initialized()
+    dist.finish()
+    assert not tdist.is_initialized()
+    dist.finish()  # no process group: a no-op
