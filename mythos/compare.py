@@ -163,7 +163,7 @@ def _median(rows: list[dict[str, float]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def _fmt(x: Any, spec: str = ".4f") -> str:
+def fmt_cell(x: Any, spec: str = ".4f") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return format(x, spec)
@@ -199,21 +199,21 @@ def summarize(run: Run) -> dict[str, Any]:
 def table(sa: dict[str, Any], sb: dict[str, Any]) -> str:
     rows = [
         ("model", lambda s: f"{s['name']} ({s['kind']})"),
-        ("parameters", lambda s: _fmt(s["params"] / 1e6 if s["params"] else None, ".2f") + "M"),
-        ("tokens trained", lambda s: _fmt(s["tokens"], ",.0f")),
-        ("training FLOPs (model)", lambda s: _fmt(s["flops"], ".3e")),
-        ("FLOPs per token (model)", lambda s: _fmt(s["flops_per_token"], ".3e")),
-        ("final train loss", lambda s: _fmt(s["train_loss"])),
-        ("final val loss (training eval)", lambda s: _fmt(s["val_loss"])),
-        ("final val bpb (training eval)", lambda s: _fmt(s["val_bpb"])),
-        ("eval val loss (mythos.eval)", lambda s: _fmt(s["eval_loss"])),
-        ("eval val bpb (mythos.eval)", lambda s: _fmt(s["eval_bpb"])),
-        ("eval perplexity", lambda s: _fmt(s["eval_ppl"], ".2f")),
+        ("parameters", lambda s: fmt_cell(s["params"] / 1e6 if s["params"] else None, ".2f") + "M"),
+        ("tokens trained", lambda s: fmt_cell(s["tokens"], ",.0f")),
+        ("training FLOPs (model)", lambda s: fmt_cell(s["flops"], ".3e")),
+        ("FLOPs per token (model)", lambda s: fmt_cell(s["flops_per_token"], ".3e")),
+        ("final train loss", lambda s: fmt_cell(s["train_loss"])),
+        ("final val loss (training eval)", lambda s: fmt_cell(s["val_loss"])),
+        ("final val bpb (training eval)", lambda s: fmt_cell(s["val_bpb"])),
+        ("eval val loss (mythos.eval)", lambda s: fmt_cell(s["eval_loss"])),
+        ("eval val bpb (mythos.eval)", lambda s: fmt_cell(s["eval_bpb"])),
+        ("eval perplexity", lambda s: fmt_cell(s["eval_ppl"], ".2f")),
         ("best RDT loop count (eval loss)", lambda s: f"T={s['best_loops']}: {s['best_loops_loss']:.4f}"
             if "best_loops" in s else "-"),
-        ("wall time", lambda s: _fmt(s["wall_s"], ".0f") + " s"),
-        ("median tokens/s", lambda s: _fmt(s["tokens_per_s"], ",.0f")),
-        ("median MFU", lambda s: _fmt(100 * s["mfu"], ".1f") + " %" if s["mfu"] is not None
+        ("wall time", lambda s: fmt_cell(s["wall_s"], ".0f") + " s"),
+        ("median tokens/s", lambda s: fmt_cell(s["tokens_per_s"], ",.0f")),
+        ("median MFU", lambda s: fmt_cell(100 * s["mfu"], ".1f") + " %" if s["mfu"] is not None
             else "n/a (no peak FLOP/s: CPU)"),
         ("world size", lambda s: str(s["world_size"])),
     ]
@@ -226,7 +226,7 @@ def table(sa: dict[str, Any], sb: dict[str, Any]) -> str:
 # plots
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,14 +235,14 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
 
 
 def plot_loss(runs: Sequence[Run], x_key: str, xlabel: str, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for run, color in zip(runs, COLORS):
         t0 = run.info.get("start_time", run.train[0].get("time", 0.0))
@@ -258,7 +258,7 @@ def plot_loss(runs: Sequence[Run], x_key: str, xlabel: str, path: Path, title: s
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -277,7 +277,7 @@ def plot_loops(runs: Sequence[Run], path: Path) -> bool:
     curves = [(r, c) for r, c in curves if c]
     if not curves:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for (run, curve), color in zip(curves, COLORS):
         ts = sorted(curve)
@@ -296,7 +296,7 @@ def plot_loops(runs: Sequence[Run], path: Path) -> bool:
     ax.set_title("RDT validation loss vs test-time loops")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True
 
@@ -306,7 +306,7 @@ def plot_multihop(runs: Sequence[Run], path: Path) -> bool:
     data = [(r, r.eval["multihop"]) for r in runs if r.eval and r.eval.get("multihop")]
     if not data:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     cmap = plt.get_cmap("viridis")
     train_hops = data[0][1].get("train_hops") or []
@@ -332,7 +332,7 @@ def plot_multihop(runs: Sequence[Run], path: Path) -> bool:
     ax.set_title(f"{data[0][1].get('task', 'multi-hop')}: accuracy vs hops (per test-time loop count)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True
 
@@ -345,7 +345,7 @@ def multihop_table(runs: Sequence[Run]) -> str:
     out = [f"| model | T | {' | '.join(hops)} |", "|---|---|" + "---:|" * len(hops)]
     for run, mh in data:
         for key, acc in mh["accuracy"].items():
-            out.append(f"| {run.name} | {key} | " + " | ".join(_fmt(acc.get(h), ".2f") for h in hops) + " |")
+            out.append(f"| {run.name} | {key} | " + " | ".join(fmt_cell(acc.get(h), ".2f") for h in hops) + " |")
     return "\n".join(out)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mythos.compare import Run, _plt, _save
+from mythos.compare import Run, pyplot, save_png
 
 COLORS = {"a": "tab:blue", "b": "tab:orange"}
 SMOOTH_POINTS = 25
@@ -25,8 +25,8 @@ def _finish(fig: Any, axes: Sequence[Any], path: Path, xlabel: str, ylabel: str,
         ax.grid(alpha=0.3)
         ax.legend(**{"fontsize": 8, **legend})
     axes[0].set_ylabel(ylabel)
-    _save(fig, path)
-    _plt().close(fig)
+    save_png(fig, path)
+    pyplot().close(fig)
 
 
 def _band(runs: Sequence[Run], rows: str, x_key: str, y_key: str) -> tuple[list[float], ...]:
@@ -45,7 +45,7 @@ def _band(runs: Sequence[Run], rows: str, x_key: str, y_key: str) -> tuple[list[
 
 def plot_loss(arms: dict[str, Sequence[Run]], x_key: str, xlabel: str, path: Path) -> None:
     """Train loss (smoothed, seed mean, min-max band) and val loss (seed mean, min-max bars) vs ``x_key``."""
-    fig, ax = _plt().subplots(figsize=(6.8, 4.4))
+    fig, ax = pyplot().subplots(figsize=(6.8, 4.4))
     for key, runs in arms.items():
         c, name = COLORS[key], runs[0].name
         xs, mean, lo, hi = _band(runs, "train", x_key, "train/loss")
@@ -66,7 +66,7 @@ def plot_loops(lm: dict[str, Any], path: Path) -> bool:
     by = lm["a"]["loss_by_loops"]
     if not by:
         return False
-    fig, ax = _plt().subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     ts = sorted(by, key=int)
     x = [int(t) for t in ts]
     ax.plot(x, [by[t]["mean"] for t in ts], "o-", color=COLORS["a"], label=f"{lm['a']['name']} (seed mean)")
@@ -84,8 +84,8 @@ def plot_loops(lm: dict[str, Any], path: Path) -> bool:
 def plot_multihop(mh: dict[str, Any], path: Path) -> None:
     """Left: accuracy vs hops per key (seed means; colormap over T, per-query key thick, arm b
     black dashed), trained hops shaded, chance dotted. Right: per seed, the primary rows."""
-    fig, (ax, ax2) = _plt().subplots(2, 1, figsize=(8, 9))  # legends outside, right of each panel
-    cmap, th, hx = _plt().get_cmap("viridis"), mh["train_hops"], [int(h) for h in mh["hops"]]
+    fig, (ax, ax2) = pyplot().subplots(2, 1, figsize=(8, 9))  # legends outside, right of each panel
+    cmap, th, hx = pyplot().get_cmap("viridis"), mh["train_hops"], [int(h) for h in mh["hops"]]
     for a in (ax, ax2):
         a.axvspan(0.5, th + 0.5, color="0.9", label=f"trained hops 1..{th}")
         a.set_ylim(-0.02, 1.02)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mythos.cli_common import ArgumentParser, fail
-from mythos.compare import CompareError, Run, _fmt, data_check, load_run
+from mythos.compare import CompareError, Run, data_check, fmt_cell, load_run
 from mythos.config import ConfigError, load_yaml
 from mythos.experiment_plots import plot_loops, plot_loss, plot_multihop
 from mythos.io import atomic_write_text
@@ -195,11 +195,12 @@ def _arms_table(lm: dict[str, Any]) -> list[str]:
         s, v = lm[key], lm[key]["final_val_loss"]
         trained = lm[key]["model_flops_trained"]
         out.append(
-            f"| {key} | {s['name']} ({s['kind']}) | {_fmt(s['params'], ',.0f')} | "
-            f"{_fmt(lm['params_ratio_a_over_b'], '.3f') if key == 'a' else ''} | {_fmt(s['tokens_plan'], ',.0f')} | "
-            f"{_fmt(statistics.fmean(s['tokens_trained']) if all(s['tokens_trained']) else None, ',.0f')} | "
-            f"{_fmt(s['model_flops_plan'], '.3e')} | {_fmt(s['hardware_flops_plan'], '.3e')} | "
-            f"{_fmt(statistics.fmean(trained) if all(trained) else None, '.3e')} | "
+            f"| {key} | {s['name']} ({s['kind']}) | {fmt_cell(s['params'], ',.0f')} | "
+            f"{fmt_cell(lm['params_ratio_a_over_b'], '.3f') if key == 'a' else ''} | "
+            f"{fmt_cell(s['tokens_plan'], ',.0f')} | "
+            f"{fmt_cell(statistics.fmean(s['tokens_trained']) if all(s['tokens_trained']) else None, ',.0f')} | "
+            f"{fmt_cell(s['model_flops_plan'], '.3e')} | {fmt_cell(s['hardware_flops_plan'], '.3e')} | "
+            f"{fmt_cell(statistics.fmean(trained) if all(trained) else None, '.3e')} | "
             f"{v['mean']:.4f} ± {v['half_range']:.4f} | "
             + ", ".join(f"{sd}: {x:.4f}" for sd, x in zip(s["seeds"], v["per_seed"])) + " |")
     return out
@@ -220,16 +221,16 @@ def _mh_table(mh: dict[str, Any]) -> list[str]:
     out = [f"| arm | model | T | seed | in-dist. EM (hops 1..{mh['train_hops']}) | "
            + " | ".join(f"{h} hops" for h in unseen) + " |", "|---|---|---|---|---:|" + "---:|" * len(unseen)]
     if mh.get("floor"):
-        cells = " | ".join(_fmt(mh["floor"].get(h), ".3f") for h in unseen)
+        cells = " | ".join(fmt_cell(mh["floor"].get(h), ".3f") for h in unseen)
         out.append(f"| - | shortcut floor | best fixed trained depth | - | 1.000 | {cells} |")
     for key in ARMS:
         arm = mh[key]
         for row in arm["rows"]:
             ind, head = row["in_distribution"], f"| {key} | {arm['name']} | {row['label']} |"
             for i, seed in enumerate(arm["seeds"]):
-                cells = " | ".join(_fmt(row["unseen_per_seed"][i][h], ".3f") for h in unseen)
+                cells = " | ".join(fmt_cell(row["unseen_per_seed"][i][h], ".3f") for h in unseen)
                 out.append(f"{head} {seed} | {ind['per_seed'][i]:.3f} | {cells} |")
-            cells = " | ".join(_fmt(row["unseen"][h], ".3f") for h in unseen)
+            cells = " | ".join(fmt_cell(row["unseen"][h], ".3f") for h in unseen)
             out.append(f"{head} **mean** | **{ind['mean']:.3f}** (± {ind['half_range']:.3f}) | {cells} |")
     return out
 
@@ -260,7 +261,7 @@ def write_report(out: Path, lm: dict[str, Any], mh: dict[str, Any] | None, plan:
     if mh:
         lines += ["## Multi-hop task", "", f"Trained on hops 1..{mh['train_hops']}; exact-match accuracy on "
                   "held-out test queries. Best fixed T is chosen by the seed-mean in-distribution accuracy "
-                  f"on these same test queries. Chance (uniform guess): {_fmt(mh['chance'], '.4f')}."
+                  f"on these same test queries. Chance (uniform guess): {fmt_cell(mh['chance'], '.4f')}."
                   + (" Shortcut floor: the best accuracy of answering every query of a hop count with "
                      f"pi^j(start) for one trained depth j <= {mh['train_hops']} (what a model that runs a fixed "
                      "trained depth gets for free); depth extrapolation means accuracy above it."
@@ -277,8 +278,8 @@ def console_lines(lm: dict[str, Any], mh: dict[str, Any] | None) -> list[str]:
     lines = [f"final val loss ({lm['val_loss_source']}, {len(a['seeds'])} seed(s)): {a['name']} "
              f"{a['final_val_loss']['mean']:.4f} ± {a['final_val_loss']['half_range']:.4f} | {b['name']} "
              f"{b['final_val_loss']['mean']:.4f} ± {b['final_val_loss']['half_range']:.4f}",
-             f"gap (a - b) {lm['gap']:+.4f}, seed noise {_fmt(lm['noise'])}, gap exceeds noise: "
-             f"{lm['gap_exceeds_noise']}; params a/b {_fmt(lm['params_ratio_a_over_b'], '.3f')}"]
+             f"gap (a - b) {lm['gap']:+.4f}, seed noise {fmt_cell(lm['noise'])}, gap exceeds noise: "
+             f"{lm['gap_exceeds_noise']}; params a/b {fmt_cell(lm['params_ratio_a_over_b'], '.3f')}"]
     if mh:
         ind = " | ".join(f"{mh[k]['name']} T={mh[k]['in_distribution']['key']} "
                          f"{mh[k]['in_distribution']['mean']:.3f}" for k in ARMS)
