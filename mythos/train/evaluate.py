@@ -22,6 +22,7 @@ import torch
 
 from mythos import dist
 from mythos.model.config import ModelConfig
+from mythos.model.loops import sample_loop_counts
 
 
 class TokenBytes:
@@ -87,7 +88,8 @@ def _loop_kwargs(t: int | str | None, batch: dict[str, torch.Tensor], cfg: Model
         return {"num_loops": t}
     if "hops" not in batch:  # shards without hop counts: the schedule's planning mean instead
         return {"num_loops": max(1, round(cfg.loops.mean))}
-    return {"loop_counts": (batch["hops"] + cfg.loops.hops_offset).clamp(1, cfg.loops.max_loops)}
+    hops = batch["hops"]
+    return {"loop_counts": sample_loop_counts(cfg.loops, 0, 0, len(hops), hops)}  # the training rule
 
 
 @torch.no_grad()
