@@ -64,15 +64,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="tag (step0000200), 'latest' (the newest complete one) or a path (tag or exported model dir)")
 
 
+def parse_int_list(text: str | int | None, option: str, minimum: int) -> list[int]:
+    """``"1,2,4"`` as sorted unique integers >= ``minimum``; a :class:`ConfigError` naming
+    ``option`` for anything else."""
+    try:
+        values = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated integers, got '{text}'") from None
+    if not values or values[0] < minimum:
+        raise ConfigError(f"{option} must be integers >= {minimum}, got '{text}'")
+    return values
+
+
 def parse_loops(text: str | int | None) -> list[int]:
     """``"1,2,4"`` as sorted unique loop counts >= 1; a :class:`ConfigError` for anything else."""
-    try:
-        loops = sorted({int(x) for x in str(text).split(",") if x.strip()})
-    except ValueError:
-        raise ConfigError(f"--loops must be comma-separated integers, got '{text}'") from None
-    if not loops or loops[0] < 1:
-        raise ConfigError(f"--loops must be integers >= 1, got '{text}'")
-    return loops
+    return parse_int_list(text, "--loops", 1)
 
 
 def out_file(out: str | Path | None, default_dir: Path, name: str) -> Path:

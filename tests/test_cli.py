@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-from mythos.cli_common import ArgumentParser, out_file, parse_loops, resolve_checkpoint
+from mythos.cli_common import ArgumentParser, out_file, parse_int_list, parse_loops, resolve_checkpoint
 from mythos.config import ConfigError
 
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # tests/ or tests/*/
@@ -134,6 +134,10 @@ def test_parse_loops() -> None:
     for bad in ("", "0,2", "a", "1,-1"):
         with pytest.raises(ConfigError, match="--loops"):
             parse_loops(bad)
+    assert parse_int_list("2,0", "--hops-offsets", 0) == [0, 2]
+    for bad in ("x", "-1"):
+        with pytest.raises(ConfigError, match="--hops-offsets must be"):
+            parse_int_list(bad, "--hops-offsets", 0)
 
 
 def test_out_file() -> None:

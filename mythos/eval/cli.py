@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mythos.cli_common import add_run_arguments, fail, out_file, parse_loops
+from mythos.cli_common import add_run_arguments, fail, out_file, parse_int_list, parse_loops
 from mythos.config import ConfigError
 from mythos.eval.device import ArgumentParser, add_device_args
 from mythos.io import atomic_write_text
@@ -248,7 +248,7 @@ def build_parser() -> ArgumentParser:
                         "a .json path names the file itself")
     p.add_argument("--hops-offsets", metavar="C[,C...]", default=None,
                    help="multi-hop: also run each query at T = hops + C (default: the RDT's loops.hops_offset "
-                        "when it trained with loops.schedule=hops)")
+                        "when it trained with loops.schedule=hops; '' for none)")
     p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
     p.add_argument("--tokenizer", default=None,
                    help="the shards' tokenizer (dir or .model) when the manifest's recorded path no longer finds it")
@@ -262,7 +262,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        offsets = None if a.hops_offsets is None else [int(c) for c in a.hops_offsets.split(",") if c.strip()]
+        offsets = (None if a.hops_offsets is None else  # "" = no per-query setting
+                   parse_int_list(a.hops_offsets, "--hops-offsets", 0) if a.hops_offsets.strip() else [])
         res = run_eval(a.run, checkpoint=a.checkpoint, loops=parse_loops(a.loops), multihop=a.multihop, out=a.out,
                        hops_offsets=offsets,
                        lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device,
