@@ -384,6 +384,59 @@ def mfu(tokens_per_s: float, flops_per_token: float | FlopsBreakdown, peak_flops
 
 
 # ---------------------------------------------------------------------------------------------
+# pair ratios (does a small RDT/dense pair mirror a large one?)
+
+#: Ratio rows of :func:`pair_ratios`: key -> label. Each is compared *relative* to a reference pair.
+PAIR_RATIO_ROWS = {
+    "params": "total params (RDT / dense)",
+    "non_embedding": "non-embedding params (RDT / dense)",
+    "train_flops": "training model FLOPs/token (RDT / dense)",
+    "forward_depth": "forward layer applications/token (RDT / dense)",
+    "loops": "E[T] (RDT)",
+    "bwd_loops": "E[k] = E[min(T, bwd_depth)] (RDT)",
+    "embedding_share_a": "embedding share of params (RDT)",
+    "embedding_share_b": "embedding share of params (dense)",
+}
+#: Share rows: key -> label; compared against :data:`HEAD_SHARE_MAX` (absolute), not relatively.
+PAIR_SHARE_ROWS = {"head_share_a": "LM-head share of training FLOPs (RDT)",
+                   "head_share_b": "LM-head share of training FLOPs (dense)"}
+#: A "small" head share: the old 8192-vocab analogue put 30% of its FLOPs in the head, the cluster 4-6%.
+HEAD_SHARE_MAX = 0.15
+
+
+def pair_ratios(rdt: ModelConfig, dense: ModelConfig, seq_len: int) -> dict[str, float]:
+    """The numbers that say whether an RDT/dense pair is a scale model of another (issue 20):
+    :data:`PAIR_RATIO_ROWS` and :data:`PAIR_SHARE_ROWS`, from the exact counts and the training
+    model FLOPs of :func:`flops_per_token` at ``seq_len``. ``forward_depth`` is
+    ``(n_prelude + E[T] n_core + n_coda) / n_layers``; the head share is ``6 V d`` (forward +
+    backward) over the total."""
+    if rdt.kind != "rdt" or dense.kind != "dense":
+        raise ValueError(f"pair_ratios takes an rdt and a dense config, got {rdt.kind} and {dense.kind}")
+    pa, pb = count_params(rdt), count_params(dense)
+    fa, fb = flops_per_token(rdt, seq_len), flops_per_token(dense, seq_len)
+    assert fa.matmul is not None and fb.matmul is not None
+    return {
+        "params": pa.total / pb.total,
+        "non_embedding": pa.non_embedding / pb.non_embedding,
+        "train_flops": fa.total / fb.total,
+        "forward_depth": (rdt.n_prelude + fa.loops * rdt.n_core + rdt.n_coda) / dense.n_layers,
+        "loops": fa.loops,
+        "bwd_loops": fa.bwd_loops,
+        "embedding_share_a": pa.embedding / pa.total,
+        "embedding_share_b": pb.embedding / pb.total,
+        "head_share_a": 6.0 * fa.matmul.head / fa.total,
+        "head_share_b": 6.0 * fb.matmul.head / fb.total,
+    }
+
+
+def ratio_flags(analogue: dict[str, float], reference: dict[str, float], tol: float = 0.10) -> list[str]:
+    """Keys of ``analogue`` (from :func:`pair_ratios`) more than ``tol`` (relative) off the
+    ``reference`` pair's, and head shares above :data:`HEAD_SHARE_MAX`."""
+    off = [k for k in PAIR_RATIO_ROWS if abs(analogue[k] / reference[k] - 1.0) > tol]
+    return off + [k for k in PAIR_SHARE_ROWS if analogue[k] > HEAD_SHARE_MAX]
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI
 
 

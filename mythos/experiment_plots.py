@@ -61,24 +61,60 @@ def plot_loss(arms: dict[str, Sequence[Run]], x_key: str, xlabel: str, path: Pat
     _finish(fig, [ax], path, xlabel, "loss (nats/token)")
 
 
-def plot_loops(lm: dict[str, Any], path: Path) -> bool:
-    """Arm a's val loss per loop count (seed mean, band) and arm b's final val loss as a line."""
-    by = lm["a"]["loss_by_loops"]
-    if not by:
+def plot_loops(comps: Sequence[dict[str, Any]], path: Path) -> bool:
+    """Per RDT model (one colour each): val loss per test-time loop count (seed mean, min-max band),
+    and the final val loss of its matched-compute dense arm as a dashed line. False when no RDT
+    arm has loss-by-loops."""
+    first: dict[str, dict[str, Any]] = {}
+    for c in comps:
+        if c["a"]["loss_by_loops"] and (c["a"]["name"] not in first or c["match"] == "compute"):
+            first[c["a"]["name"]] = c
+    if not first:
         return False
-    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
-    ts = sorted(by, key=int)
-    x = [int(t) for t in ts]
-    ax.plot(x, [by[t]["mean"] for t in ts], "o-", color=COLORS["a"], label=f"{lm['a']['name']} (seed mean)")
-    ax.fill_between(x, [by[t]["min"] for t in ts], [by[t]["max"] for t in ts], color=COLORS["a"], alpha=0.2, lw=0)
-    fb = lm["b"]["final_val_loss"]
-    ax.axhline(fb["mean"], color=COLORS["b"], ls="--", label=f"{lm['b']['name']} (seed mean)")
-    ax.axhspan(fb["min"], fb["max"], color=COLORS["b"], alpha=0.15, lw=0)
+    fig, ax = pyplot().subplots(figsize=(6.8, 4.4))
+    for i, c in enumerate(first.values()):
+        by, color = c["a"]["loss_by_loops"], f"C{i}"
+        ts = sorted(by, key=int)
+        x = [int(t) for t in ts]
+        ax.plot(x, [by[t]["mean"] for t in ts], "o-", color=color, label=f"{c['a']['name']} (seed mean)")
+        ax.fill_between(x, [by[t]["min"] for t in ts], [by[t]["max"] for t in ts], color=color, alpha=0.2, lw=0)
+        fb = c["b"]["final_val_loss"]
+        ax.axhline(fb["mean"], color=color, ls="--", lw=1, label=f"{c['b']['name']} ({c['match'] or 'no plan'})")
+        ax.set_xticks(x, ts)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(x, ts)
     ax.set_title("Val loss vs test-time loops (band: min-max over seeds)")
-    _finish(fig, [ax], path, "loop count T at evaluation", f"val loss (nats/token, {lm['val_loss_source']})")
+    src = next(iter(first.values()))["val_loss_source"]
+    _finish(fig, [ax], path, "loop count T at evaluation", f"val loss (nats/token, {src})", fontsize=7)
     return True
+
+
+def plot_scaling(comps: Sequence[dict[str, Any]], path: Path) -> None:
+    """Final val loss vs training compute (model FLOPs, log x): every run as a dot, the seed mean
+    of each arm of each comparison as a marker with min-max bars; the RDT arms joined across
+    sizes, the dense arms joined per matching."""
+    fig, ax = pyplot().subplots(figsize=(6.8, 4.4))
+    series: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
+    for c in comps:
+        for key in ("a", "b"):
+            s = c[key]
+            if not all(s["model_flops_trained"]):
+                continue
+            label = "RDT" if key == "a" else f"dense (matched {c['match']})"
+            pts = series.setdefault((key, label), [])
+            x = statistics.fmean(s["model_flops_trained"])
+            if all(abs(x - px) > 1e-9 * x for px, _ in pts):  # an RDT arm shared by two comparisons
+                pts.append((x, s["final_val_loss"]))
+                ax.plot([x] * len(s["final_val_loss"]["per_seed"]), s["final_val_loss"]["per_seed"], ".",
+                        color=COLORS[key], alpha=0.5)
+    for (key, label), pts in series.items():
+        pts.sort(key=lambda p: p[0])
+        xs, st = [p[0] for p in pts], [p[1] for p in pts]
+        err = [[v["mean"] - v["min"] for v in st], [v["max"] - v["mean"] for v in st]]
+        ax.errorbar(xs, [v["mean"] for v in st], yerr=err, fmt="o-" if "tokens" not in label else "s:",
+                    color=COLORS[key], capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_title("Final val loss vs training compute (bars: min-max over seeds)")
+    _finish(fig, [ax], path, "training FLOPs (model)", "final val loss (nats/token)")
 
 
 def plot_multihop(mh: dict[str, Any], path: Path) -> None:

@@ -1,18 +1,29 @@
 """The report of the experiment pipeline: RDT (arm a) vs dense (arm b), several seeds per arm.
 
-    python -m mythos.experiment_report --out DIR --lm-a RUN [RUN ...] --lm-b RUN [RUN ...] \\
-        [--mh-a RUN [RUN ...] --mh-b RUN [RUN ...]] [--plan PLAN_JSON] [--train-hops 5]
+    mythos-experiment-report --out DIR \\
+        --lm-a RUN [RUN ...] --lm-b RUN [RUN ...] --plan PLAN_JSON \\   # one LM comparison; repeat
+        [--lm-a ... --lm-b ... --plan ...] \\                          # the three for each comparison
+        [--mh-a RUN [RUN ...] --mh-b RUN [RUN ...]] [--train-hops 5]
 
-Inputs: LM runs per arm, one per seed in the same seed order; multi-hop runs (``eval/results.json``
-with a ``multihop`` section, ``python -m mythos.eval --multihop``); the LM pair's ``plan.json``.
+An LM *comparison* is one RDT arm against one dense arm (one run per seed, same seed order) under
+one plan (``mythos-plan``'s plan.json: a size and a matching, ``compute`` or ``tokens``); repeat
+``--lm-a/--lm-b/--plan`` for every size x matching (`make experiment`: two sizes, both
+matchings, the RDT runs shared by a size's two comparisons). Matched compute is the headline.
 **Identical data is checked, not assumed** (:func:`mythos.compare.data_check`, each a-run against
 the b-run of its index and every run against its arm's first): a data difference, a differing
-seed (``train.seed`` in ``config.resolved.yaml``) or multi-hop test set is refused (exit 2, one line).
+seed (``train.seed`` in ``config.resolved.yaml``), a run that trained other tokens than its plan,
+or a differing multi-hop test set is refused (exit 2, one line).
 
-Writes ``report.md``, ``summary.json`` (see :func:`main`) and PNGs (``loss_vs_tokens``,
-``loss_vs_flops``, ``loss_vs_loops``, ``multihop_accuracy``) to ``--out``. Spreads are min..max
-over seeds. Final val loss: ``mythos.eval``'s whole-split loss when every LM run has one (the RDT
-at its default depth), else the trainer's last periodic eval, for all runs. In-distribution exact
+The LM numbers (:mod:`mythos.experiment_lm`): the ratio table (the analogue pairs against
+rdt-770m / dense-1.3b, from :func:`mythos.accounting.pair_ratios`, rows more than 10% off
+flagged), per comparison the gap of the seed means with a 95% Welch interval and the seed noise,
+the loop-use check and the trend over sizes. Multi-hop runs: ``eval/results.json`` with a
+``multihop`` section (``mythos-eval --multihop``).
+
+Writes ``report.md``, ``summary.json`` (see :func:`main`) and PNGs (``loss_vs_flops_<rdt>``,
+``loss_vs_loops``, ``scaling``, ``multihop_accuracy``) to ``--out``. Spreads are min..max over
+seeds. Final val loss: ``mythos-eval``'s whole-split loss when every LM run of a comparison has one
+(the RDT at its default depth, E[T]), else the trainer's last periodic eval. In-distribution exact
 match: the unweighted mean over hops 1..``--train-hops``; the RDT's "best fixed T" is chosen by
 its seed-mean in-distribution accuracy on the same test queries.
 """
@@ -26,100 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from mythos.cli_common import ArgumentParser, fail
-from mythos.compare import CompareError, Run, data_check, fmt_cell, load_run
-from mythos.config import ConfigError, load_yaml
-from mythos.experiment_plots import plot_loops, plot_loss, plot_multihop
+from mythos.compare import CompareError, Run, fmt_cell, load_run
+from mythos.experiment_lm import ARMS, check_arms, comparison, loop_use, ratio_table, run_model_config, trend
+from mythos.experiment_lm import seed_of as _seed
+from mythos.experiment_lm import stats as _stats
+from mythos.experiment_plots import plot_loops, plot_loss, plot_multihop, plot_scaling
 from mythos.io import atomic_write_text
 
-ARMS = ("a", "b")
-
-
-def _seed(run: Run) -> str | None:
-    """``"seed N"`` from ``train.seed`` in the run's ``config.resolved.yaml``; None when not readable."""
-    try:
-        seed = (load_yaml(run.path / "config.resolved.yaml").get("train") or {}).get("seed")
-    except ConfigError:
-        return None
-    return f"seed {seed}" if seed is not None else None
-
-
-def check_arms(a: Sequence[Run], b: Sequence[Run], what: str) -> list[str]:
-    """Raise :class:`CompareError` unless the arms are one model each, seed-paired and trained on
-    identical data; returns the data-check lines (one per pair checked)."""
-    if len(a) != len(b):
-        raise CompareError(f"{what}: {len(a)} runs in arm a but {len(b)} in arm b (one run per seed in each)")
-    for arm in (a, b):
-        if len(models := {(r.kind, r.name) for r in arm}) > 1:
-            raise CompareError(f"{what}: one arm mixes models {sorted(models)} ({', '.join(str(r.path) for r in arm)})")
-    lines = []
-    pairs = [(x, y, True) for x, y in zip(a, b)] + [(arm[0], r, False) for arm in (a, b) for r in arm[1:]]
-    for x, y, same_seed in pairs:
-        sx, sy = _seed(x), _seed(y)
-        if same_seed and sx is not None and sy is not None and sx != sy:
-            raise CompareError(f"{what}: {x.path} ({sx}) is paired with {y.path} ({sy}): give the same seed order")
-        ok, line = data_check(x, y)
-        if not ok:
-            raise CompareError(f"{what}: {x.path} vs {y.path}: {line}; refusing")
-        lines.append(f"{x.path.name} vs {y.path.name}: {line}")
-    return lines
-
-
-def _stats(xs: Sequence[float]) -> dict[str, Any]:
-    """Mean, min, max, half-range (``(max - min) / 2``) and the per-seed values."""
-    return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "half_range": (max(xs) - min(xs)) / 2,
-            "per_seed": list(xs)}
-
-
 # ---------------------------------------------------------------------------------------------
-# LM arms
-
-
-def final_val_losses(runs: Sequence[Run]) -> tuple[list[float], str]:
-    """Each run's final val loss and its source (``eval`` when every run has ``mythos.eval``'s
-    ``lm.loss``, else ``training``: the last periodic eval)."""
-    if all(((r.eval or {}).get("lm") or {}).get("loss") is not None for r in runs):
-        return [float(r.eval["lm"]["loss"]) for r in runs], "eval"  # type: ignore[index]
-    missing = [str(r.path) for r in runs if not r.val]
-    if missing:
-        raise CompareError(f"no val loss in {', '.join(missing)} (no eval/results.json and no periodic val/loss)")
-    return [float(r.val[-1]["val/loss"]) for r in runs], "training"
-
-
-def loop_curve(run: Run, source: str) -> dict[int, float]:
-    """RDT val loss per loop count, from the same source as the final val loss."""
-    if source == "eval":
-        by = ((run.eval or {}).get("lm") or {}).get("by_loops") or {}
-        return {int(t): float(v["loss"]) for t, v in by.items()}
-    last = run.val[-1] if run.val else {}
-    return {int(k.split("@")[1]): float(v) for k, v in last.items() if k.startswith("val/loss@")}
-
-
-def lm_summary(a: Sequence[Run], b: Sequence[Run], plan: dict[str, Any] | None) -> dict[str, Any]:
-    """The LM section of summary.json: per arm the runs, seeds, params/tokens/FLOPs and final val
-    loss statistics; the gap of the means (a - b), the seed noise (the larger within-arm max - min;
-    None with one seed) and whether |gap| exceeds it."""
-    losses, source = final_val_losses([*a, *b])
-    out: dict[str, Any] = {"val_loss_source": source}
-    for i, (key, runs) in enumerate(zip(ARMS, (a, b))):
-        pl = plan["arms"][i] if plan else {}
-        vals = losses[:len(a)] if key == "a" else losses[len(a):]
-        curves = [loop_curve(r, source) for r in runs]
-        common = sorted(set.intersection(*(set(c) for c in curves))) if all(curves) else []
-        out[key] = {
-            "name": runs[0].name, "kind": runs[0].kind, "runs": [str(r.path) for r in runs],
-            "seeds": [_seed(r) or r.path.name for r in runs], "params_run": runs[0].info.get("params"),
-            "params": pl.get("params", runs[0].info.get("params")), "tokens_plan": pl.get("tokens"),
-            "tokens_trained": [r.train[-1].get("train/tokens") for r in runs],
-            "model_flops_plan": pl.get("model_flops"), "hardware_flops_plan": pl.get("hardware_flops"),
-            "model_flops_trained": [r.train[-1].get("train/flops") for r in runs],
-            "final_val_loss": _stats(vals), "loss_by_loops": {str(t): _stats([c[t] for c in curves]) for t in common}}
-    pa, pb = out["a"]["params"], out["b"]["params"]
-    out["params_ratio_a_over_b"] = pa / pb if pa and pb else None
-    out["gap"] = out["a"]["final_val_loss"]["mean"] - out["b"]["final_val_loss"]["mean"]
-    spread = [out[k]["final_val_loss"]["max"] - out[k]["final_val_loss"]["min"] for k in ARMS]
-    out["noise"] = max(spread) if len(a) > 1 else None
-    out["gap_exceeds_noise"] = abs(out["gap"]) > out["noise"] if out["noise"] is not None else None
-    return out
+# multi-hop
 
 
 def _mh(run: Run) -> dict[str, Any]:
@@ -187,35 +113,6 @@ def multihop_summary(arms: dict[str, Sequence[Run]], train_hops: int) -> dict[st
     return out
 
 
-def _arms_table(lm: dict[str, Any]) -> list[str]:
-    out = ["| arm | model | params | params a/b | tokens (plan) | tokens trained | model FLOPs (plan) | "
-           "hardware FLOPs (plan) | model FLOPs trained | final val loss (mean ± half-range) | per seed |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for key in ARMS:
-        s, v = lm[key], lm[key]["final_val_loss"]
-        trained = lm[key]["model_flops_trained"]
-        out.append(
-            f"| {key} | {s['name']} ({s['kind']}) | {fmt_cell(s['params'], ',.0f')} | "
-            f"{fmt_cell(lm['params_ratio_a_over_b'], '.3f') if key == 'a' else ''} | "
-            f"{fmt_cell(s['tokens_plan'], ',.0f')} | "
-            f"{fmt_cell(statistics.fmean(s['tokens_trained']) if all(s['tokens_trained']) else None, ',.0f')} | "
-            f"{fmt_cell(s['model_flops_plan'], '.3e')} | {fmt_cell(s['hardware_flops_plan'], '.3e')} | "
-            f"{fmt_cell(statistics.fmean(trained) if all(trained) else None, '.3e')} | "
-            f"{v['mean']:.4f} ± {v['half_range']:.4f} | "
-            + ", ".join(f"{sd}: {x:.4f}" for sd, x in zip(s["seeds"], v["per_seed"])) + " |")
-    return out
-
-
-def _gap_sentence(lm: dict[str, Any]) -> str:
-    a, b = lm["a"], lm["b"]
-    head = (f"Mean final val loss: {a['name']} {a['final_val_loss']['mean']:.4f}, {b['name']} "
-            f"{b['final_val_loss']['mean']:.4f}; gap (a - b) = {lm['gap']:+.4f}.")
-    if lm["noise"] is None:
-        return f"{head} One seed per arm: seed noise was not measured."
-    return (f"{head} Seed noise (the larger within-arm max - min over {len(a['seeds'])} seeds) = "
-            f"{lm['noise']:.4f}; |gap| {'exceeds' if lm['gap_exceeds_noise'] else 'does not exceed'} it.")
-
-
 def _mh_table(mh: dict[str, Any]) -> list[str]:
     unseen = mh["unseen_hops"]
     out = [f"| arm | model | T | seed | in-dist. EM (hops 1..{mh['train_hops']}) | "
@@ -235,29 +132,177 @@ def _mh_table(mh: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_report(out: Path, lm: dict[str, Any], mh: dict[str, Any] | None, plan: dict[str, Any] | None,
-                 data_lines: list[str], loops_png: bool) -> Path:
+# ---------------------------------------------------------------------------------------------
+# LM sections of report.md
+
+
+def _ratio_lines(rt: dict[str, Any], comps: Sequence[dict[str, Any]]) -> list[str]:
+    ref, ans = rt["reference"], rt["analogues"]
+    out = [f"| quantity | {ref['name']} | " + " | ".join(a["name"] for a in ans) + " |",
+           "|---|---:|" + "---:|" * len(ans)]
+
+    def cell(a: dict[str, Any], k: str, share: bool) -> str:
+        v = a["ratios"][k]
+        mark = " **(off)**" if k in a["flags"] else ""
+        if share:
+            return f"{v:.3f}{mark}"
+        return f"{v:.3f} ({100 * (v / ref['ratios'][k] - 1):+.1f}%){mark}"
+
+    for k, label in rt["rows"].items():
+        out.append(f"| {label} | {ref['ratios'][k]:.3f} | " + " | ".join(cell(a, k, False) for a in ans) + " |")
+    for k, label in rt["share_rows"].items():
+        out.append(f"| {label} | {ref['ratios'][k]:.3f} | " + " | ".join(cell(a, k, True) for a in ans) + " |")
+    cells = []
+    for a in ans:
+        mine = [c for c in comps if c.get("models") == a["models"]]
+        c = next((x for x in mine if x["match"] == "compute"), mine[0] if mine else None)
+        ta, tb = (c["a"]["tokens_per_param"], c["b"]["tokens_per_param"]) if c else (None, None)
+        low = " **(below 10)**" if ta is not None and ta < 10 else ""
+        cells.append(f"{fmt_cell(ta, '.1f')} / {fmt_cell(tb, '.1f')}{low}")
+    out.append("| tokens per parameter, RDT / dense (matched compute) | 79.3 / 78.0 (Parcae: 61.6B / 104B "
+               "tokens, 80 per parameter each) | "
+               + " | ".join(cells) + " |")
+    flagged = [f"{a['name']}: {', '.join(a['flags'])}" for a in ans if a["flags"]]
+    out += ["", f"Ratio rows are flagged **(off)** when more than {100 * rt['tolerance']:.0f}% from the cluster "
+            "pair's; head shares when above 15%. " + ("Flagged: " + "; ".join(flagged) + "." if flagged
+                                                      else "No row is flagged.")]
+    return out
+
+
+def _comparison_lines(c: dict[str, Any]) -> list[str]:
+    out = ["| arm | model | params | tokens trained | tokens/param | model FLOPs trained | "
+           "final val loss (mean ± half-range) | per seed |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for key in ARMS:
+        s, v = c[key], c[key]["final_val_loss"]
+        tr, fl = s["tokens_trained"], s["model_flops_trained"]
+        out.append(
+            f"| {key} | {s['name']} ({s['kind']}) | {fmt_cell(s['params'], ',.0f')} | "
+            f"{fmt_cell(statistics.fmean(tr) if all(tr) else None, ',.0f')} | "
+            f"{fmt_cell(s['tokens_per_param'], '.1f')} | "
+            f"{fmt_cell(statistics.fmean(fl) if all(fl) else None, '.3e')} | {v['mean']:.4f} ± {v['half_range']:.4f} | "
+            + ", ".join(f"{sd}: {x:.4f}" for sd, x in zip(s["seeds"], v["per_seed"])) + " |")
+    return [*out, "", _gap_sentence(c)]
+
+
+def _gap_sentence(c: dict[str, Any]) -> str:
+    a, b = c["a"], c["b"]
+    head = (f"Mean final val loss: {a['name']} {a['final_val_loss']['mean']:.4f}, {b['name']} "
+            f"{b['final_val_loss']['mean']:.4f}; gap (a - b) = **{c['gap']:+.4f}**")
+    iv = c["interval"]
+    head += f" (95% Welch interval {iv[0]:+.4f} .. {iv[1]:+.4f})." if iv else "."
+    if c["noise"] is None:
+        return f"{head} One seed per arm: seed noise was not measured, so this gap says nothing on its own."
+    verdict = {"inside noise": "**the gap is inside the noise**: this comparison does not tell the arms apart",
+               "a ahead": f"**{a['name']} is ahead** beyond the noise", "b ahead":
+               f"**{b['name']} is ahead** beyond the noise"}[c["verdict"]]
+    return (f"{head} Seed noise (the larger within-arm max - min over {len(a['seeds'])} seeds) = "
+            f"{c['noise']:.4f}; {verdict}. Model FLOPs a/b = {fmt_cell(c['flops_ratio_a_over_b'], '.3f')}.")
+
+
+def _loop_use_lines(name: str, lu: dict[str, Any]) -> list[str]:
+    t, loss = lu["T"], lu["loss"]
+    used = ("the loop is used" if lu["loop_used"] else "**the loop is unused** (one iteration is as good as "
+            "E[T] within the noise)")
+    hurt = ("**more loops hurt**" if lu["more_loops_hurt"] else "more loops do not hurt")
+    return [f"- {name}: val loss at T = {t['1']} / {t['E']} (E[T]) / {t['2E']} / {t['4E']}: "
+            f"{loss['1']:.4f} / {loss['E']:.4f} / {loss['2E']:.4f} / {loss['4E']:.4f}; "
+            f"loss(1) - loss(E[T]) = {lu['gain']:+.4f}, loss(2E[T]) - loss(E[T]) = {lu['extra_2x']:+.4f}, "
+            f"loss(4E[T]) - loss(E[T]) = {lu['extra_4x']:+.4f} (threshold {lu['threshold']:.4f}): {used}; {hurt}."]
+
+
+def _trend_lines(tr: list[dict[str, Any]]) -> list[str]:
+    def g(row: dict[str, Any], m: str) -> str:
+        c = row.get(m)
+        if not c:
+            return "-"
+        iv = c["interval"]
+        return (f"{c['gap']:+.4f}" + (f" [{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else "") + f" ({c['verdict']})")
+
+    out = ["| RDT | dense | params a / b | RDT training FLOPs | gap, matched compute [95%] | "
+           "gap, matched tokens [95%] |", "|---|---|---:|---:|---:|---:|"]
+    for r in tr:
+        out.append(f"| {r['rdt']} | {r['dense']} | {fmt_cell(r['params_a'], ',.0f')} / "
+                   f"{fmt_cell(r['params_b'], ',.0f')} | {fmt_cell(r['rdt_flops'], '.3e')} | {g(r, 'compute')} | "
+                   f"{g(r, 'tokens')} |")
+    if len(tr) >= 2 and all(r.get("compute") for r in tr):
+        lo, hi = tr[0], tr[-1]
+        x = hi["rdt_flops"] / lo["rdt_flops"] if lo["rdt_flops"] and hi["rdt_flops"] else None
+        d = hi["compute"]["gap"] - lo["compute"]["gap"]
+        out += ["", f"From {lo['rdt']} to {hi['rdt']} ({fmt_cell(x, '.2f')}x the compute) the matched-compute gap "
+                f"moves by {d:+.4f} (from {lo['compute']['gap']:+.4f} to {hi['compute']['gap']:+.4f}; a negative "
+                "gap favours the RDT). Two points are a direction, not a law."]
+    return out
+
+
+def _lm_lines(lm: dict[str, Any]) -> list[str]:
+    comps = lm["comparisons"]
+    out: list[str] = []
+    if lm.get("ratios"):
+        out += ["## Is the analogue a scale model of the cluster pair?", "",
+                "From `mythos.accounting.pair_ratios` (exact parameter counts, training model FLOPs per token "
+                "with the RDT at E[T] forward and E[min(T, bwd_depth)] backward).", "",
+                *_ratio_lines(lm["ratios"], comps), ""]
+    else:
+        out += [f"(No ratio table: {lm.get('ratios_note')}.)", ""]
+    for match, title in (("compute", "Matched compute (the headline)"), ("tokens", "Matched tokens")):
+        sel = [c for c in comps if c["match"] == match]
+        if not sel:
+            continue
+        out += [f"## Language modelling: {title.lower()}", ""]
+        for c in sel:
+            out += [f"### {c['a']['name']} vs {c['b']['name']}", "", f"Plan: {c['description']}", "",
+                    *_comparison_lines(c), ""]
+    other = [c for c in comps if c["match"] not in ("compute", "tokens")]
+    for c in other:
+        out += [f"## {c['a']['name']} vs {c['b']['name']} ({c['match'] or 'no plan'})", "", *_comparison_lines(c), ""]
+    if lm["loop_use"]:
+        out += ["## Loop use", "", "Does the RDT use its loop? Val loss at one iteration, at E[T] and at 2x / 4x "
+                "E[T] (seed means, whole val split):", ""]
+        for name, lu in lm["loop_use"].items():
+            out += _loop_use_lines(name, lu)
+        out += ["", "![loss vs loops](loss_vs_loops.png)", ""]
+    if len(lm["trend"]) >= 2:
+        out += ["## Trend over sizes", "", *_trend_lines(lm["trend"]), "", "![scaling](scaling.png)", ""]
+    out += ["## Loss curves", ""]
+    out += [f"![{n}](loss_vs_flops_{n}.png)" + "\n" for n in dict.fromkeys(c["a"]["name"] for c in comps)]
+    return out
+
+
+def lm_summary(groups: Sequence[tuple[list[Run], list[Run], dict[str, Any] | None]]) -> dict[str, Any]:
+    """The LM section of summary.json: ``comparisons`` (:func:`mythos.experiment_lm.comparison`
+    per group), ``ratios`` (the ratio table of the groups' distinct pairs; None when a run has no
+    readable model config, with ``ratios_note``), ``loop_use`` per RDT model and ``trend``."""
+    comps = [comparison(a, b, plan) for a, b, plan in groups]
+    pairs, note = {}, None
+    try:
+        for (a, b, plan), c in zip(groups, comps):
+            seq = (plan["arms"][0].get("seq_len") if plan else None) or a[0].info.get("seq_len")
+            ma, mb = run_model_config(a[0]), run_model_config(b[0])
+            pairs.setdefault((ma.name, mb.name), (ma, mb, int(seq or ma.max_seq_len)))
+            c["models"] = [ma.name, mb.name]
+    except CompareError as exc:
+        note = str(exc)
+    uses = {}
+    for c in comps:
+        if c["a"]["kind"] == "rdt" and c["a"]["name"] not in uses and (lu := loop_use(c)) is not None:
+            uses[c["a"]["name"]] = lu
+    return {"comparisons": comps, "ratios": ratio_table(list(pairs.values())) if note is None else None,
+            "ratios_note": note, "loop_use": uses, "trend": trend(comps)}
+
+
+def write_report(out: Path, lm: dict[str, Any], mh: dict[str, Any] | None, data_lines: list[str]) -> Path:
     """``out/report.md`` from the summaries (the PNGs are already written)."""
-    n = len(lm["a"]["seeds"])
-    lines = [f"# {lm['a']['name']} vs {lm['b']['name']}: {n} seed(s) per arm, identical data", "",
-             *(f"- {what} runs, arm {k}: " + ", ".join(f"`{p}`" for p in d[k]["runs"])
-               for what, d in (("LM", lm), ("Multi-hop", mh)) if d for k in ARMS)]
-    if plan:
-        lines.append(f"- Plan: matching `{plan.get('match')}`: {plan.get('description', '')}")
-    src = "mythos.eval, whole val split" if lm["val_loss_source"] == "eval" else "the trainer's last periodic eval"
-    lines += ["- Data checks (mythos.compare.data_check), all passed:", *(f"  - {ln}" for ln in data_lines), "",
-              "## Arms", "", *_arms_table(lm), "",
-              f"(plan) columns: {'from the plan' if plan else 'no plan given'}; params from "
-              f"{'the plan' if plan else 'run_info.json'}. Final val loss: {src}; spreads are min..max over seeds.", ""]
-    lines += [f"Note: run_info.json of arm {k} reports {lm[k]['params_run']:,} params, the plan {lm[k]['params']:,}."
-              "\n" for k in ARMS if plan and lm[k]["params_run"] not in (None, lm[k]["params"])]
-    lines += [_gap_sentence(lm), "", "## Loss curves", "", "![loss vs tokens](loss_vs_tokens.png)", "",
-              "![loss vs FLOPs](loss_vs_flops.png)", ""]
-    if loops_png:
-        by = lm["a"]["loss_by_loops"]
-        lines += ["## Val loss vs test-time loop count", "", "![loss vs loops](loss_vs_loops.png)", "",
-                  f"- {lm['a']['name']} (seed mean): " + ", ".join(f"T={t}: {by[t]['mean']:.4f}" for t in
-                                                              sorted(by, key=int)), ""]
+    comps = lm["comparisons"]
+    names = " / ".join(dict.fromkeys(f"{c['a']['name']} vs {c['b']['name']}" for c in comps))
+    n = len(comps[0]["a"]["seeds"])
+    lines = [f"# {names}: {n} seed(s) per arm, identical data", ""]
+    for c in comps:
+        lines += [f"- LM ({c['match'] or 'no plan'}): arm a " + ", ".join(f"`{p}`" for p in c["a"]["runs"])
+                  + "; arm b " + ", ".join(f"`{p}`" for p in c["b"]["runs"])]
+    if mh:
+        lines += [f"- Multi-hop runs, arm {k}: " + ", ".join(f"`{p}`" for p in mh[k]["runs"]) for k in ARMS]
+    lines += ["- Data checks (mythos.compare.data_check), all passed:", *(f"  - {ln}" for ln in data_lines), ""]
+    lines += _lm_lines(lm)
     if mh:
         lines += ["## Multi-hop task", "", f"Trained on hops 1..{mh['train_hops']}; exact-match accuracy on "
                   "held-out test queries. Best fixed T is chosen by the seed-mean in-distribution accuracy "
@@ -273,13 +318,23 @@ def write_report(out: Path, lm: dict[str, Any], mh: dict[str, Any] | None, plan:
 
 
 def console_lines(lm: dict[str, Any], mh: dict[str, Any] | None) -> list[str]:
-    """The 3-5 line summary ``main`` prints."""
-    a, b = lm["a"], lm["b"]
-    lines = [f"final val loss ({lm['val_loss_source']}, {len(a['seeds'])} seed(s)): {a['name']} "
-             f"{a['final_val_loss']['mean']:.4f} ± {a['final_val_loss']['half_range']:.4f} | {b['name']} "
-             f"{b['final_val_loss']['mean']:.4f} ± {b['final_val_loss']['half_range']:.4f}",
-             f"gap (a - b) {lm['gap']:+.4f}, seed noise {fmt_cell(lm['noise'])}, gap exceeds noise: "
-             f"{lm['gap_exceeds_noise']}; params a/b {fmt_cell(lm['params_ratio_a_over_b'], '.3f')}"]
+    """The summary ``main`` prints: a line per LM comparison, the loop-use check, multi-hop lines."""
+    lines = []
+    for c in lm["comparisons"]:
+        a, b, iv = c["a"], c["b"], c["interval"]
+        lines.append(f"{a['name']} vs {b['name']} (matched {c['match']}): val loss {a['final_val_loss']['mean']:.4f} "
+                     f"vs {b['final_val_loss']['mean']:.4f}, gap {c['gap']:+.4f}"
+                     + (f" [{iv[0]:+.4f}, {iv[1]:+.4f}]" if iv else "")
+                     + f", seed noise {fmt_cell(c['noise'])}: {c['verdict']}")
+    for name, lu in lm["loop_use"].items():
+        lines.append(f"{name} loop use: loss(1) - loss(E[T]) {lu['gain']:+.4f}, loss(2E[T]) - loss(E[T]) "
+                     f"{lu['extra_2x']:+.4f}, loss(4E[T]) - loss(E[T]) {lu['extra_4x']:+.4f}: "
+                     + ("used" if lu["loop_used"] else "UNUSED")
+                     + ("; more loops HURT" if lu["more_loops_hurt"] else ""))
+    if lm.get("ratios"):
+        flagged = [a["name"] for a in lm["ratios"]["analogues"] if a["flags"]]
+        lines.append("ratio table vs the cluster pair: " + (f"OFF by >10% for {', '.join(flagged)}" if flagged
+                                                            else "every row within 10%"))
     if mh:
         ind = " | ".join(f"{mh[k]['name']} T={mh[k]['in_distribution']['key']} "
                          f"{mh[k]['in_distribution']['mean']:.3f}" for k in ARMS)
@@ -290,14 +345,17 @@ def console_lines(lm: dict[str, Any], mh: dict[str, Any] | None) -> list[str]:
 
 
 def build_parser() -> ArgumentParser:
-    """The ``python -m mythos.experiment_report`` argument parser."""
-    ap = ArgumentParser(prog="python -m mythos.experiment_report", description=__doc__)
+    """The ``mythos-experiment-report`` argument parser."""
+    ap = ArgumentParser(prog="mythos-experiment-report", description=__doc__)
     ap.add_argument("--out", required=True, metavar="DIR", help="report directory")
-    ap.add_argument("--lm-a", nargs="+", required=True, metavar="RUN", help="arm a (RDT) LM runs, one per seed")
-    ap.add_argument("--lm-b", nargs="+", required=True, metavar="RUN", help="arm b (dense) LM runs, same seeds")
+    ap.add_argument("--lm-a", nargs="+", required=True, action="append", metavar="RUN",
+                    help="arm a (RDT) LM runs of one comparison, one per seed; repeat per comparison")
+    ap.add_argument("--lm-b", nargs="+", required=True, action="append", metavar="RUN",
+                    help="arm b (dense) LM runs of the same comparison, same seed order")
+    ap.add_argument("--plan", action="append", default=None, metavar="PLAN_JSON",
+                    help="plan.json of the comparison (mythos-plan); give one per comparison or none (default: none)")
     ap.add_argument("--mh-a", nargs="+", default=None, metavar="RUN", help="arm a multi-hop runs, one per seed")
     ap.add_argument("--mh-b", nargs="+", default=None, metavar="RUN", help="arm b multi-hop runs, same seeds")
-    ap.add_argument("--plan", default=None, metavar="PLAN_JSON", help="plan.json of the LM pair (mythos.plan)")
     ap.add_argument("--train-hops", type=int, default=5, metavar="N", help="multi-hop runs trained on hops 1..N")
     return ap
 
@@ -309,7 +367,7 @@ def _load_plan(path: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise CompareError(f"--plan {path}: not a readable plan.json ({exc})") from None
     if not isinstance(plan, dict) or len(plan.get("arms") or []) != 2:
-        raise CompareError(f"--plan {path}: expected the two arms of a python -m mythos.plan plan.json")
+        raise CompareError(f"--plan {path}: expected the two arms of a mythos-plan plan.json")
     for key, arm in zip(ARMS, plan["arms"]):
         if arm.get("kind") != runs[key][0].kind:
             raise CompareError(f"--plan {path}: plan arm {key} is {arm.get('name')} ({arm.get('kind')}) but "
@@ -319,36 +377,50 @@ def _load_plan(path: str, runs: dict[str, list[Run]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; 0 on success, 2 on bad input (one ``error:`` line). summary.json is
-    ``{"lm": lm_summary(...), "multihop": multihop_summary(...) | None, "plan": {match, ...} | None}``."""
+    ``{"lm": lm_summary(...), "multihop": multihop_summary(...) | None}``."""
     a = build_parser().parse_args(argv)
     if (a.mh_a is None) != (a.mh_b is None):
         return fail("give both --mh-a and --mh-b, or neither")
+    if len(a.lm_a) != len(a.lm_b):
+        return fail(f"{len(a.lm_a)} --lm-a groups but {len(a.lm_b)} --lm-b groups: give both per comparison")
+    if a.plan is not None and len(a.plan) != len(a.lm_a):
+        return fail(f"{len(a.plan)} --plan for {len(a.lm_a)} LM comparisons: give one per comparison, or none")
     if a.train_hops < 1:
         return fail(f"--train-hops must be >= 1, got {a.train_hops}")
     out = Path(a.out)
     try:
-        lm_runs = {"a": [load_run(p) for p in a.lm_a], "b": [load_run(p) for p in a.lm_b]}
-        plan = _load_plan(a.plan, lm_runs) if a.plan else None
-        data_lines = check_arms(lm_runs["a"], lm_runs["b"], "LM runs")
+        cache: dict[str, Run] = {}
+        load = lambda p: cache.setdefault(p, load_run(p))  # noqa: E731 -- a comparison may share runs
+        groups, data_lines = [], []
+        for i, (ga, gb) in enumerate(zip(a.lm_a, a.lm_b)):
+            runs = {"a": [load(p) for p in ga], "b": [load(p) for p in gb]}
+            plan = _load_plan(a.plan[i], runs) if a.plan else None
+            data_lines += [ln for ln in check_arms(runs["a"], runs["b"], "LM runs") if ln not in data_lines]
+            groups.append((runs["a"], runs["b"], plan))
         mh_runs = None
         if a.mh_a:
             mh_runs = {"a": [load_run(p) for p in a.mh_a], "b": [load_run(p) for p in a.mh_b]}
             data_lines += check_arms(mh_runs["a"], mh_runs["b"], "multihop runs")
             check_test_sets([*mh_runs["a"], *mh_runs["b"]], a.train_hops)
-        lm = lm_summary(lm_runs["a"], lm_runs["b"], plan)
+        lm = lm_summary(groups)
         mh = multihop_summary(mh_runs, a.train_hops) if mh_runs else None
     except (CompareError, KeyError, ValueError) as exc:
         return fail(exc if isinstance(exc, CompareError) else f"malformed input: {type(exc).__name__}: {exc}")
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss(lm_runs, "train/tokens", "tokens", out / "loss_vs_tokens.png")
-    plot_loss(lm_runs, "train/flops", "training FLOPs (model)", out / "loss_vs_flops.png")
-    loops_png = plot_loops(lm, out / "loss_vs_loops.png")
+    curves: dict[str, tuple[list[Run], list[Run]]] = {}
+    for (ga, gb, _), c in zip(groups, lm["comparisons"]):
+        if c["a"]["name"] not in curves or c["match"] == "compute":  # the headline's dense arm
+            curves[c["a"]["name"]] = (ga, gb)
+    for name, (ga, gb) in curves.items():
+        plot_loss({"a": ga, "b": gb}, "train/flops", "training FLOPs (model)", out / f"loss_vs_flops_{name}.png")
+    if lm["loop_use"] or any(c["a"]["loss_by_loops"] for c in lm["comparisons"]):
+        plot_loops(lm["comparisons"], out / "loss_vs_loops.png")
+    if len(lm["trend"]) >= 2:
+        plot_scaling(lm["comparisons"], out / "scaling.png")
     if mh:
         plot_multihop(mh, out / "multihop_accuracy.png")
-    plan_keys = ("match", "description", "model_flops_ratio_a_over_b")
-    summary = {"lm": lm, "multihop": mh, "plan": {k: plan.get(k) for k in plan_keys} if plan else None}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    report = write_report(out, lm, mh, plan, data_lines, loops_png)
+    atomic_write_text(out / "summary.json", json.dumps({"lm": lm, "multihop": mh}, indent=2) + "\n")
+    report = write_report(out, lm, mh, data_lines)
     print("\n".join(console_lines(lm, mh)))
     print(f"wrote {report} and {out / 'summary.json'}")
     return 0

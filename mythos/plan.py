@@ -237,20 +237,20 @@ def format_table(p: dict[str, Any]) -> str:
     lines = [f"matching: {p['match']} -- {p['description']}", f"  {'':<34}{a['name']:>{w}}{b['name']:>{w}}"]
     lines += [
         row("kind", "{}", "kind"),
-        row("params (M)", "{:.1f}", "params"),
-        row("params used for tokens/param (M)", "{:.1f}", "params_basis"),
+        row("params (M)", "{:.4g}", "params"),
+        row("params used for tokens/param (M)", "{:.4g}", "params_basis"),
         row("E[T], expected loops (RDT)", "{:.2f}", "loops_expected"),
-        row("executed T = E[max_i T_i] (RDT)", "{:.2f}", "loops_executed"),
-        row("model GFLOP/token (matching, MFU)", "{:.3f}", "model_flops_per_token"),
-        row("executed GFLOP/token (max T)", "{:.3f}", "executed_flops_per_token"),
-        row("hardware GFLOP/token (+recompute)", "{:.3f}", "hardware_flops_per_token"),
-        row("tokens (B)", "{:.3f}", "tokens"),
+        row("executed T per sequence (RDT)", "{:.2f}", "loops_executed"),
+        row("model GFLOP/token (matching, MFU)", "{:.4g}", "model_flops_per_token"),
+        row("executed GFLOP/token (active rows)", "{:.4g}", "executed_flops_per_token"),
+        row("hardware GFLOP/token (+recompute)", "{:.4g}", "hardware_flops_per_token"),
+        row("tokens (B)", "{:.4g}", "tokens"),
         row("steps", "{}", "steps"),
         row("total model FLOPs", "{:.3e}", "model_flops"),
         row("total hardware FLOPs", "{:.3e}", "hardware_flops"),
-        row("GPU-hours (model FLOPs @ MFU)", "{:.0f}", "gpu_hours"),
-        row("GPU-hours (hardware FLOPs @ MFU)", "{:.0f}", "gpu_hours_executed"),
-        row("wall hours on the given GPUs", "{:.1f}", "wall_hours"),
+        row("GPU-hours (model FLOPs @ MFU)", "{:.4g}", "gpu_hours"),
+        row("GPU-hours (hardware FLOPs @ MFU)", "{:.4g}", "gpu_hours_executed"),
+        row("wall hours on the given GPUs", "{:.4g}", "wall_hours"),
     ]
     out = list(lines)
     h = p["hardware"]
