@@ -118,9 +118,13 @@ def plot_scaling(comps: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def plot_multihop(mh: dict[str, Any], path: Path) -> None:
-    """Left: accuracy vs hops per key (seed means; colormap over T, per-query key thick, arm b
-    black dashed), trained hops shaded, chance dotted. Right: per seed, the primary rows."""
-    fig, (ax, ax2) = pyplot().subplots(2, 1, figsize=(8, 9))  # legends outside, right of each panel
+    """Three panels over hops, trained hops shaded, chance dotted, shortcut floor stepped. Top: the
+    RDT's fixed-T sweep (seed means, colormap over T), its adaptive exits (thick, min-max band),
+    the oracle T = hops + 1 (dashed: an upper bound, told the depth) and every dense baseline
+    (seed mean, band). Middle: per seed, each arm's primary row. Bottom: the mean T each adaptive
+    exit chose (seed mean, band) against T = hops + 1. Of a long fixed-T sweep only the powers of
+    two, the best fixed T and the largest T are drawn (report.md has them all)."""
+    fig, (ax, ax2, ax3) = pyplot().subplots(3, 1, figsize=(8.5, 15))  # legends outside, right of each panel
     cmap, th, hx = pyplot().get_cmap("viridis"), mh["train_hops"], [int(h) for h in mh["hops"]]
     for a in (ax, ax2):
         a.axvspan(0.5, th + 0.5, color="0.9", label=f"trained hops 1..{th}")
@@ -130,26 +134,53 @@ def plot_multihop(mh: dict[str, Any], path: Path) -> None:
         if mh.get("floor"):
             a.step(hx, [mh["floor"][h] for h in mh["hops"]], where="mid", color="0.5", ls=":", lw=1.5,
                    label="shortcut floor (best fixed trained depth)")
-    a_arm, b_arm = mh["a"], mh["b"]
+    keys = mh.get("arms", ["a", "b"])
+    a_arm = mh["a"]
     fixed = sorted((k for k in a_arm["curves"] if k.isdigit()), key=int)
     top = math.log2(max(int(k) for k in fixed)) if fixed else 1.0
-    for k, curve in a_arm["curves"].items():
-        ys = [curve[h] for h in mh["hops"]]
-        if k.isdigit():
-            ax.plot(hx, ys, "o-", ms=3, lw=1, color=cmap(math.log2(int(k)) / max(top, 1e-9)),
-                    label=f"{a_arm['name']} T={k}")
-        elif k.startswith("hops"):
-            ax.plot(hx, ys, "o-", ms=5, lw=3.2, color="crimson", label=f"{a_arm['name']} T={k}", zorder=5)
-        else:
-            ax.plot(hx, ys, "o-", ms=3, lw=1.5, color="0.4", label=f"{a_arm['name']} {k}")
-    for k, curve in b_arm["curves"].items():
-        ax.plot(hx, [curve[h] for h in mh["hops"]], "s--", color="k", lw=2, label=f"{b_arm['name']} ({k})")
-    for arm, ls in ((a_arm, "-"), (b_arm, "--")):
-        seeds = [r for r in arm["rows"] if r["key"] == arm["in_distribution"]["key"]][0]
+    # a long sweep (1..32) would bury the plot: powers of two, the best fixed T and the largest
+    shown = [k for k in fixed if int(k) & (int(k) - 1) == 0 or k in (a_arm.get("best_fixed_key"), fixed[-1])]
+    for k in shown:
+        ax.plot(hx, [a_arm["curves"][k][h] for h in mh["hops"]], "o-", ms=2.5, lw=0.8, alpha=0.8,
+                color=cmap(math.log2(int(k)) / max(top, 1e-9)),
+                label=f"{a_arm['name']} fixed T={k}" + (" (best)" if k == a_arm.get("best_fixed_key") else ""))
+    rows = {r["key"]: r for r in a_arm["rows"]}
+    for i, k in enumerate(a_arm.get("exit_keys", [])):
+        c = rows[k]["curve"]
+        color = ("crimson", "darkviolet", "teal")[i % 3]
+        ax.plot(hx, [c[h]["mean"] for h in mh["hops"]], "o-", ms=5, lw=3, color=color, zorder=5,
+                label=f"{a_arm['name']} {rows[k]['label']}")
+        ax.fill_between(hx, [c[h]["min"] for h in mh["hops"]], [c[h]["max"] for h in mh["hops"]], color=color,
+                        alpha=0.15, lw=0)
+        ct = rows[k]["chosen_T"]
+        ax3.plot(hx, [ct[h]["mean"] for h in mh["hops"]], "o-", lw=2, color=color, label=rows[k]["label"])
+        ax3.fill_between(hx, [ct[h]["min"] for h in mh["hops"]], [ct[h]["max"] for h in mh["hops"]], color=color,
+                         alpha=0.2, lw=0)
+    for k in (k for k in a_arm["curves"] if k.startswith("hops")):
+        ax.plot(hx, [a_arm["curves"][k][h] for h in mh["hops"]], "--", lw=1.5, color="crimson", alpha=0.6,
+                label=f"{a_arm['name']} T={k}: ORACLE upper bound (told the depth)")
+    markers = "sD^v<>"
+    for j, key in enumerate(keys[1:]):
+        arm = mh[key]
+        c = next(r for r in arm["rows"] if r["key"] == arm["in_distribution"]["key"])["curve"]
+        shade = str(0.55 * j / max(len(keys) - 2, 1))  # black, then greys
+        size = f", {arm['params']:,} params" if arm.get("params") else ""
+        ax.plot(hx, [c[h]["mean"] for h in mh["hops"]], f"{markers[j % 6]}--", color=shade, lw=1.8,
+                label=f"{arm['name']} ({arm['kind']}{size})")
+        ax.fill_between(hx, [c[h]["min"] for h in mh["hops"]], [c[h]["max"] for h in mh["hops"]], color=shade,
+                        alpha=0.1, lw=0)
+    for j, key in enumerate(keys):
+        arm = mh[key]
+        prim = next(r for r in arm["rows"] if r["key"] == arm["in_distribution"]["key"])
+        ls = "-" if key == "a" else ("--", ":", "-.")[j % 3]
         for i, seed in enumerate(arm["seeds"]):
-            acc = [seeds["curve"][h]["per_seed"][i] for h in mh["hops"]]
-            ax2.plot(hx, acc, ls, marker="o", ms=3, color=f"C{i}", label=f"{arm['name']} {seeds['label']}, {seed}")
-    ax.set_title("exact match vs hops (seed mean per test-time T)")
-    ax2.set_title("per seed: primary rows")
-    _finish(fig, [ax, ax2], path, "hops", "exact-match accuracy", fontsize=7, loc="upper left",
+            acc = [prim["curve"][h]["per_seed"][i] for h in mh["hops"]]
+            ax2.plot(hx, acc, ls, marker="o", ms=3, color=f"C{i}", label=f"{arm['name']} {prim['label']}, {seed}")
+    ax3.plot(hx, [h + 1 for h in hx], ":", color="k", label="T = hops + 1 (what an oracle would run)")
+    ax3.axvspan(0.5, th + 0.5, color="0.9")
+    ax3.set_ylabel("mean loop count chosen")
+    ax.set_title("exact match vs hops (seed means; bands: min-max over seeds)")
+    ax2.set_title("per seed: each arm's primary row")
+    ax3.set_title("adaptive exit: T the RDT chose by itself vs hops")
+    _finish(fig, [ax, ax2, ax3], path, "hops", "exact-match accuracy", fontsize=6, loc="upper left",
             bbox_to_anchor=(1.01, 1.0))

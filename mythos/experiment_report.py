@@ -3,7 +3,7 @@
     mythos-experiment-report --out DIR \\
         --lm-a RUN [RUN ...] --lm-b RUN [RUN ...] --plan PLAN_JSON \\   # one LM comparison; repeat
         [--lm-a ... --lm-b ... --plan ...] \\                          # the three for each comparison
-        [--mh-a RUN [RUN ...] --mh-b RUN [RUN ...]] [--train-hops 5]
+        [--mh-a RUN [RUN ...] --mh-b RUN [RUN ...] [--mh-extra RUN [RUN ...]] ...] [--train-hops 5]
 
 An LM *comparison* is one RDT arm against one dense arm (one run per seed, same seed order) under
 one plan (``mythos-plan``'s plan.json: a size and a matching, ``compute`` or ``tokens``); repeat
@@ -57,11 +57,13 @@ def _mh(run: Run) -> dict[str, Any]:
 
 
 def check_test_sets(runs: Sequence[Run], train_hops: int) -> None:
-    """All multi-hop runs were evaluated on the same test set, trained on hops 1..``train_hops``."""
+    """All multi-hop runs were evaluated on the same test set (task data hash, queries per hop and,
+    where recorded, the test file's sha256), trained on hops 1..``train_hops``."""
     ref = _mh(runs[0])
     for r in runs:
         mh = _mh(r)
-        if mh["count"] != ref["count"] or mh.get("data_hash") != ref.get("data_hash"):
+        if (mh["count"] != ref["count"] or mh.get("data_hash") != ref.get("data_hash")
+                or mh.get("test_sha256", ref.get("test_sha256")) != ref.get("test_sha256", mh.get("test_sha256"))):
             raise CompareError(f"multihop test sets differ (task hash or queries per hop): {runs[0].path} vs {r.path}")
         th = mh.get("train_hops")
         if th and sorted(int(h) for h in th) != list(range(1, train_hops + 1)):
@@ -71,65 +73,179 @@ def check_test_sets(runs: Sequence[Run], train_hops: int) -> None:
 
 
 def _row(runs: Sequence[Run], key: str, label: str, hops: list[str], train_hops: int) -> dict[str, Any]:
+    """One accuracy row over seeds: in-distribution mean (per seed, stats), unseen hops (seed mean
+    and per seed), the whole curve (stats per hop); ``oracle`` for ``hops+c``; for an adaptive
+    exit ``chosen_T`` (stats per hop of the mean T each seed's model chose)."""
     accs = [_mh(r)["accuracy"][key] for r in runs]
     ind = [statistics.fmean(acc[h] for h in hops if 1 <= int(h) <= train_hops) for acc in accs]
     unseen = [h for h in hops if int(h) > train_hops]
-    return {"key": key, "label": label, "in_distribution": _stats(ind),
-            "unseen": {h: statistics.fmean(acc[h] for acc in accs) for h in unseen},
-            "unseen_per_seed": [{h: acc[h] for h in unseen} for acc in accs],
-            "curve": {h: _stats([acc[h] for acc in accs]) for h in hops}}
+    row = {"key": key, "label": label, "oracle": key.startswith("hops"), "in_distribution": _stats(ind),
+           "unseen": {h: statistics.fmean(acc[h] for acc in accs) for h in unseen},
+           "unseen_per_seed": [{h: acc[h] for h in unseen} for acc in accs],
+           "curve": {h: _stats([acc[h] for acc in accs]) for h in hops}}
+    if key.startswith("exit"):
+        chosen = [_mh(r)["exit_loops"][key] for r in runs]
+        row["chosen_T"] = {h: _stats([c[h] for c in chosen]) for h in hops}
+        row["max_loops"] = _mh(runs[0]).get("exit_max_loops")
+    return row
+
+
+def _label(key: str, max_loops: int | None) -> str:
+    """The report's name for an accuracy key."""
+    if key.startswith("hops"):
+        return f"oracle upper bound: T = {key} per query (told the depth)"
+    if key.startswith("exit-kl"):
+        return f"adaptive exit: KL(p_t ‖ p_t-1) < {key[len('exit-kl'):]} (max T {max_loops})"
+    if key.startswith("exit-act"):
+        return f"adaptive exit: ACT halting (max T {max_loops})"
+    return key
 
 
 def multihop_summary(arms: dict[str, Sequence[Run]], train_hops: int) -> dict[str, Any]:
-    """Per arm: rows at the per-query key (``hops...``), the best fixed T (seed mean of the
-    in-distribution accuracy) and ``default``; ``in_distribution`` / ``unseen`` repeat the
-    primary row (per-query, else default, else best fixed) for scripts."""
+    """Per arm (``a`` the RDT, then the dense baselines ``b``, ``c``, ...; ``arms`` lists the keys):
+    rows for the adaptive exits (``exit...``), the best fixed T (seed mean of the in-distribution
+    accuracy), ``default`` (dense) and last the oracle ``hops+c`` rows (an upper bound, never the
+    primary row); ``curves`` holds every key's seed-mean curve (the fixed-T sweep included).
+    ``in_distribution`` / ``unseen`` repeat the primary row (the first adaptive exit, else the
+    best fixed T, else default) for scripts."""
     hops = sorted(_mh(next(iter(arms.values()))[0])["count"], key=int)
-    out: dict[str, Any] = {"train_hops": train_hops, "hops": hops,
+    out: dict[str, Any] = {"train_hops": train_hops, "hops": hops, "arms": list(arms),
                            "unseen_hops": [h for h in hops if int(h) > train_hops]}
     for key, runs in arms.items():
         keys = [k for k in _mh(runs[0])["accuracy"] if all(k in _mh(r)["accuracy"] for r in runs)]
-        rows = [_row(runs, k, f"per-query T = {k}", hops, train_hops) for k in keys if k.startswith("hops")]
+        max_loops = _mh(runs[0]).get("exit_max_loops")
+        rows = [_row(runs, k, _label(k, max_loops), hops, train_hops) for k in keys if k.startswith("exit")]
         fixed = sorted((k for k in keys if k.isdigit()), key=int)
         best = None
         if fixed:  # max() keeps the smallest T among ties
-            best = max((_row(runs, k, f"best fixed T = {k}", hops, train_hops) for k in fixed),
-                       key=lambda r: r["in_distribution"]["mean"])
+            best = max((_row(runs, k, f"best fixed T = {k} (one T for every query)", hops, train_hops)
+                        for k in fixed), key=lambda r: r["in_distribution"]["mean"])
             rows.append(best)
-        rows += [_row(runs, k, k, hops, train_hops) for k in keys if not k.startswith("hops") and not k.isdigit()]
+        rows += [_row(runs, k, k, hops, train_hops) for k in keys
+                 if not k.isdigit() and not k.startswith(("hops", "exit"))]
+        rows += [_row(runs, k, _label(k, max_loops), hops, train_hops) for k in keys if k.startswith("hops")]
         if not rows:
             raise CompareError(f"{runs[0].path}: no accuracy keys shared by all runs of its arm")
         curves = {k: _row(runs, k, k, hops, train_hops)["curve"] for k in keys}
-        prim = rows[0]
-        out[key] = {"name": runs[0].name, "kind": runs[0].kind, "runs": [str(r.path) for r in runs],
+        prim = next(r for r in rows + [rows[0]] if not r["oracle"])
+        params = (runs[0].eval or {}).get("params")
+        out[key] = {"name": runs[0].name, "kind": runs[0].kind, "params": params, "runs": [str(r.path) for r in runs],
                     "seeds": [_seed(r) or r.path.name for r in runs], "per_query_key": next((k for k in keys if
                     k.startswith("hops")), None), "best_fixed_key": best["key"] if best else None,
+                    "exit_keys": [k for k in keys if k.startswith("exit")],
                     "in_distribution": {"key": prim["key"], **prim["in_distribution"]},
                     "unseen": prim["unseen"], "unseen_per_seed": prim["unseen_per_seed"], "rows": rows,
-                    "curves": {k: {h: s["mean"] for h, s in c.items()} for k, c in curves.items()}}
+                    "curves": {k: {h: s["mean"] for h, s in c.items()} for k, c in curves.items()},
+                    "fixed_T": {k: _row(runs, k, k, hops, train_hops) for k in fixed}}
     out["chance"] = _mh(arms["a"][0]).get("chance")
     floor = _mh(arms["a"][0]).get("floor")  # single-relation tasks: the best fixed trained depth
     out["floor"] = {h: floor[h] for h in hops if h in floor} if floor else None
     return out
 
 
+def _arm_name(arm: dict[str, Any]) -> str:
+    return f"{arm['name']} ({arm['params']:,} params)" if arm.get("params") else arm["name"]
+
+
 def _mh_table(mh: dict[str, Any]) -> list[str]:
+    """Per arm and row: every seed and the seed mean (± half-range) on the in-distribution mean and
+    each unseen hop count; the shortcut floor first."""
     unseen = mh["unseen_hops"]
     out = [f"| arm | model | T | seed | in-dist. EM (hops 1..{mh['train_hops']}) | "
            + " | ".join(f"{h} hops" for h in unseen) + " |", "|---|---|---|---|---:|" + "---:|" * len(unseen)]
     if mh.get("floor"):
         cells = " | ".join(fmt_cell(mh["floor"].get(h), ".3f") for h in unseen)
         out.append(f"| - | shortcut floor | best fixed trained depth | - | 1.000 | {cells} |")
-    for key in ARMS:
+    for key in mh.get("arms", ARMS):
         arm = mh[key]
         for row in arm["rows"]:
-            ind, head = row["in_distribution"], f"| {key} | {arm['name']} | {row['label']} |"
+            ind, head = row["in_distribution"], f"| {key} | {_arm_name(arm)} | {row['label']} |"
             for i, seed in enumerate(arm["seeds"]):
                 cells = " | ".join(fmt_cell(row["unseen_per_seed"][i][h], ".3f") for h in unseen)
                 out.append(f"{head} {seed} | {ind['per_seed'][i]:.3f} | {cells} |")
-            cells = " | ".join(fmt_cell(row["unseen"][h], ".3f") for h in unseen)
+            cells = " | ".join(f"{row['curve'][h]['mean']:.3f} ({row['curve'][h]['min']:.2f}-"
+                               f"{row['curve'][h]['max']:.2f})" for h in unseen)
             out.append(f"{head} **mean** | **{ind['mean']:.3f}** (± {ind['half_range']:.3f}) | {cells} |")
     return out
+
+
+def _mh_fixed_table(mh: dict[str, Any]) -> list[str]:
+    """The RDT's fixed-T sweep: one T for every query, seed-mean EM per hop count (min-max)."""
+    arm, hops = mh["a"], mh["hops"]
+    if not arm.get("fixed_T"):
+        return []
+    out = [f"Fixed T (one loop count for every query, no oracle), {arm['name']}: seed mean (min-max over "
+           f"{len(arm['seeds'])} seeds).", "",
+           "| T | in-dist. EM | " + " | ".join(f"{h}" for h in hops) + " |", "|---:|---:|" + "---:|" * len(hops)]
+    for t, row in arm["fixed_T"].items():
+        ind = row["in_distribution"]
+        out.append(f"| {t} | {ind['mean']:.3f} (± {ind['half_range']:.3f}) | " + " | ".join(
+            f"{row['curve'][h]['mean']:.2f} ({row['curve'][h]['min']:.2f}-{row['curve'][h]['max']:.2f})"
+            for h in hops) + " |")
+    return out
+
+
+def _mh_exit_table(mh: dict[str, Any]) -> list[str]:
+    """Per adaptive exit: the mean T the model chose per hop count (seed mean, min-max) against the
+    T an oracle would give (hops + 1), and the exact match it got."""
+    arm, hops = mh["a"], mh["hops"]
+    rows = [r for r in arm["rows"] if "chosen_T" in r]
+    if not rows:
+        return []
+    out = [f"Adaptive exit, {arm['name']}: the loop count the model chose by itself, per hop count (seed mean, "
+           "min-max over seeds), and its exact match.", "",
+           "| exit | | " + " | ".join(f"{h} hops" for h in hops) + " |", "|---|---|" + "---:|" * len(hops),
+           "| (oracle) | T = hops + 1 | " + " | ".join(str(int(h) + 1) for h in hops) + " |"]
+    for r in rows:
+        out.append(f"| {r['label']} | mean T chosen | " + " | ".join(
+            f"{r['chosen_T'][h]['mean']:.1f} ({r['chosen_T'][h]['min']:.1f}-{r['chosen_T'][h]['max']:.1f})"
+            for h in hops) + " |")
+        out.append(f"| {r['label']} | exact match | " + " | ".join(
+            f"{r['curve'][h]['mean']:.2f} ({r['curve'][h]['min']:.2f}-{r['curve'][h]['max']:.2f})"
+            for h in hops) + " |")
+    return out
+
+
+def multihop_lines(mh: dict[str, Any]) -> list[str]:
+    """The multi-hop section of report.md."""
+    return ["## Multi-hop task", "", f"Trained on hops 1..{mh['train_hops']}; exact-match accuracy on "
+            "held-out test queries. The RDT is never told a query's depth: it runs one T for every query "
+            "(the sweep below; best fixed T is chosen by the seed-mean in-distribution accuracy on these same "
+            "test queries) or exits by itself (adaptive exit). The T = hops + 1 row is an **oracle upper "
+            "bound**, not a result: it is told the depth. Dense baselines: iso-parameters (one block) and "
+            "iso-depth (as many layers as the RDT's loops on 5 and on 10 hops). Chance (uniform guess): "
+            f"{fmt_cell(mh['chance'], '.4f')}."
+            + (" Shortcut floor: the best accuracy of answering every query of a hop count with "
+               f"pi^j(start) for one trained depth j <= {mh['train_hops']} (what a model that runs a fixed "
+               "trained depth gets for free); depth extrapolation means accuracy above it."
+               if mh.get("floor") else ""), "",
+            *_mh_table(mh), "", *_mh_exit_table(mh), "", *_mh_fixed_table(mh), "",
+            "![multi-hop accuracy](multihop_accuracy.png)", ""]
+
+
+def multihop_console_lines(mh: dict[str, Any]) -> list[str]:
+    """Two lines per report: each arm's primary in-distribution EM, then its unseen-hop curve."""
+    keys = mh.get("arms", ARMS)
+    ind = " | ".join(f"{mh[k]['name']} {mh[k]['in_distribution']['key']} "
+                     f"{mh[k]['in_distribution']['mean']:.3f}" for k in keys)
+    return [f"multihop in-distribution EM (hops 1..{mh['train_hops']}): {ind}",
+            "unseen hops " + ",".join(mh["unseen_hops"]) + ": " + " | ".join(
+                f"{mh[k]['name']} " + " ".join(f"{v:.2f}" for v in mh[k]["unseen"].values()) for k in keys)]
+
+
+def load_multihop_arms(rdt: Sequence[str], dense: Sequence[Sequence[str]], train_hops: int
+                       ) -> tuple[dict[str, list[Run]], list[str]]:
+    """``{"a": RDT runs, "b": first dense arm, "c": ...}`` and the data-check lines: every dense arm
+    is seed-paired with the RDT arm on identical data, and all ran the same test set."""
+    arms = {"a": [load_run(p) for p in rdt]}
+    for key, paths in zip("bcdefgh", dense):
+        arms[key] = [load_run(p) for p in paths]
+    lines = []
+    for key in list(arms)[1:]:
+        what = "multihop runs" if key == "b" else f"multihop runs (arm {key} as arm b)"
+        lines += [ln for ln in check_arms(arms["a"], arms[key], what) if ln not in lines]
+    check_test_sets([r for runs in arms.values() for r in runs], train_hops)
+    return arms, lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,18 +416,11 @@ def write_report(out: Path, lm: dict[str, Any], mh: dict[str, Any] | None, data_
         lines += [f"- LM ({c['match'] or 'no plan'}): arm a " + ", ".join(f"`{p}`" for p in c["a"]["runs"])
                   + "; arm b " + ", ".join(f"`{p}`" for p in c["b"]["runs"])]
     if mh:
-        lines += [f"- Multi-hop runs, arm {k}: " + ", ".join(f"`{p}`" for p in mh[k]["runs"]) for k in ARMS]
+        lines += [f"- Multi-hop runs, arm {k}: " + ", ".join(f"`{p}`" for p in mh[k]["runs"]) for k in mh["arms"]]
     lines += ["- Data checks (mythos.compare.data_check), all passed:", *(f"  - {ln}" for ln in data_lines), ""]
     lines += _lm_lines(lm)
     if mh:
-        lines += ["## Multi-hop task", "", f"Trained on hops 1..{mh['train_hops']}; exact-match accuracy on "
-                  "held-out test queries. Best fixed T is chosen by the seed-mean in-distribution accuracy "
-                  f"on these same test queries. Chance (uniform guess): {fmt_cell(mh['chance'], '.4f')}."
-                  + (" Shortcut floor: the best accuracy of answering every query of a hop count with "
-                     f"pi^j(start) for one trained depth j <= {mh['train_hops']} (what a model that runs a fixed "
-                     "trained depth gets for free); depth extrapolation means accuracy above it."
-                     if mh.get("floor") else ""), "",
-                  *_mh_table(mh), "", "![multi-hop accuracy](multihop_accuracy.png)", ""]
+        lines += multihop_lines(mh)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
@@ -336,11 +445,7 @@ def console_lines(lm: dict[str, Any], mh: dict[str, Any] | None) -> list[str]:
         lines.append("ratio table vs the cluster pair: " + (f"OFF by >10% for {', '.join(flagged)}" if flagged
                                                             else "every row within 10%"))
     if mh:
-        ind = " | ".join(f"{mh[k]['name']} T={mh[k]['in_distribution']['key']} "
-                         f"{mh[k]['in_distribution']['mean']:.3f}" for k in ARMS)
-        lines.append(f"multihop in-distribution EM (hops 1..{mh['train_hops']}): {ind}")
-        lines.append("unseen hops " + ",".join(mh["unseen_hops"]) + ": " + " | ".join(
-            f"{mh[k]['name']} " + " ".join(f"{v:.2f}" for v in mh[k]["unseen"].values()) for k in ARMS))
+        lines += multihop_console_lines(mh)
     return lines
 
 
@@ -356,6 +461,8 @@ def build_parser() -> ArgumentParser:
                     help="plan.json of the comparison (mythos-plan); give one per comparison or none (default: none)")
     ap.add_argument("--mh-a", nargs="+", default=None, metavar="RUN", help="arm a multi-hop runs, one per seed")
     ap.add_argument("--mh-b", nargs="+", default=None, metavar="RUN", help="arm b multi-hop runs, same seeds")
+    ap.add_argument("--mh-extra", nargs="+", action="append", default=[], metavar="RUN",
+                    help="one more dense multi-hop baseline (arms c, d, ...), same seeds; repeat per baseline")
     ap.add_argument("--train-hops", type=int, default=5, metavar="N", help="multi-hop runs trained on hops 1..N")
     return ap
 
@@ -381,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if (a.mh_a is None) != (a.mh_b is None):
         return fail("give both --mh-a and --mh-b, or neither")
+    if a.mh_extra and not a.mh_a:
+        return fail("--mh-extra needs --mh-a and --mh-b")
     if len(a.lm_a) != len(a.lm_b):
         return fail(f"{len(a.lm_a)} --lm-a groups but {len(a.lm_b)} --lm-b groups: give both per comparison")
     if a.plan is not None and len(a.plan) != len(a.lm_a):
@@ -399,9 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             groups.append((runs["a"], runs["b"], plan))
         mh_runs = None
         if a.mh_a:
-            mh_runs = {"a": [load_run(p) for p in a.mh_a], "b": [load_run(p) for p in a.mh_b]}
-            data_lines += check_arms(mh_runs["a"], mh_runs["b"], "multihop runs")
-            check_test_sets([*mh_runs["a"], *mh_runs["b"]], a.train_hops)
+            mh_runs, mh_lines = load_multihop_arms(a.mh_a, [a.mh_b, *a.mh_extra], a.train_hops)
+            data_lines += mh_lines
         lm = lm_summary(groups)
         mh = multihop_summary(mh_runs, a.train_hops) if mh_runs else None
     except (CompareError, KeyError, ValueError) as exc:

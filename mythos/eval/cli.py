@@ -2,15 +2,19 @@
 
     python -m mythos.eval --run runs/demo/rdt-tiny [--checkpoint step0000200] \\
         [--loops 1,2,4,8,12,16,24,32] [--multihop data/multihop/khop] [--out DIR] \\
+        [--exit-kl 1e-3[,...]] [--exit-act] [--exit-max-loops 32] \\
         [--device cuda|cpu] [--dtype bfloat16|float32] [--quiet]
 
 Computes, with the same function training's periodic eval uses (:func:`mythos.train.evaluate.evaluate`):
 validation loss, perplexity and bits per byte over the *whole* val split of the run's data (exact
 token-weighted sums; bpb from exact per-token byte counts), for an RDT at every ``--loops`` count
 and at its default depth. ``--multihop DIR`` adds exact-match accuracy per hop count (and loop
-count) on ``DIR/test.jsonl``. Results go to ``results.json`` in ``--out DIR`` (default ``RUN/eval``;
-a ``.json`` path names the file itself) (atomically; sections of an
-earlier result for the *same* checkpoint that this call did not recompute are kept).
+count) on ``DIR/test.jsonl``; with ``--exit-kl`` / ``--exit-act`` an RDT also exits per query by
+itself (KL convergence of the answer distribution, ACT halting; at most ``--exit-max-loops``
+iterations) and the T it chose is reported per hop count (:mod:`mythos.eval.multihop`). Results
+go to ``results.json`` in ``--out DIR`` (default ``RUN/eval``; a ``.json`` path names the file
+itself) (atomically; sections of an earlier result for the *same* checkpoint that this call did not
+recompute are kept).
 
 Bits per byte need the tokenizer the shards were built with (found through the manifest, see
 :func:`mythos.data.tokenizer.find_tokenizer`). When it has moved, the eval stops with one line
@@ -133,6 +137,17 @@ def evaluate_lm(
     return out
 
 
+def parse_float_list(text: str, option: str) -> list[float]:
+    """``"1e-2,1e-3"`` as sorted unique floats > 0; a :class:`ConfigError` naming ``option`` otherwise."""
+    try:
+        values = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated numbers, got '{text}'") from None
+    if not values or values[0] <= 0:
+        raise ConfigError(f"{option} must be numbers > 0, got '{text}'")
+    return values
+
+
 def run_eval(
     run_dir: str | Path,
     *,
@@ -140,6 +155,9 @@ def run_eval(
     loops: Sequence[int] = DEFAULT_LOOPS,
     multihop: str | Path | None = None,
     hops_offsets: Sequence[int] | None = None,
+    exit_kl: Sequence[float] = (),
+    exit_act: bool = False,
+    exit_max_loops: int = 32,
     out: str | Path | None = None,
     lm: bool = True,
     batch_size: int = 0,
@@ -154,7 +172,9 @@ def run_eval(
     and write the results file; returns the results dict. ``tokenizer``: the shards' tokenizer
     where the manifest's path no longer finds it; ``bpb=False`` skips bits per byte.
     ``hops_offsets``: multi-hop queries also run at ``T = hops + c`` per query (default: the RDT's
-    ``loops.hops_offset`` when it was trained with ``loops.schedule=hops``, else none)."""
+    ``loops.hops_offset`` when it was trained with ``loops.schedule=hops``, else none).
+    ``exit_kl`` / ``exit_act`` / ``exit_max_loops``: adaptive exits of an RDT on the multi-hop
+    queries (:func:`mythos.eval.multihop.adaptive_answer`; ignored for dense)."""
     from mythos.eval.device import dtype_name, resolve
     from mythos.eval.loading import load_run, load_run_config_from_dir
     from mythos.eval.multihop import evaluate_multihop
@@ -166,8 +186,13 @@ def run_eval(
     dev, dt = resolve(device, dtype)
     if batch_size < 0 or max_batches < 0:
         raise ConfigError(f"--batch-size and --max-batches must be >= 0, got {batch_size} and {max_batches}")
+    if exit_max_loops < 1:
+        raise ConfigError(f"--exit-max-loops must be >= 1, got {exit_max_loops}")
     if multihop is not None:
         card, examples = load_task_card(multihop), load_test_examples(multihop)
+        model_cfg = load_run_config_from_dir(run_dir).model
+        if exit_act and model_cfg.kind == "rdt" and not model_cfg.act.enabled:
+            raise ConfigError(f"--exit-act: {run_dir} has no ACT (model.act.enabled=false); use --exit-kl")
     token_bytes = resolve_token_bytes(load_run_config_from_dir(run_dir).data, tokenizer, bpb) if lm else None
     run = load_run(run_dir, checkpoint, device=dev, dtype=dt)
     is_rdt = run.cfg.model.kind == "rdt"
@@ -202,16 +227,25 @@ def run_eval(
         if hops_offsets is None:
             hops_offsets = [lc.hops_offset] if is_rdt and lc.schedule == "hops" else []
         res = evaluate_multihop(run.model, examples, loops if is_rdt else (),
-                                hops_offsets=hops_offsets if is_rdt else (), device=dev, quiet=quiet)
+                                hops_offsets=hops_offsets if is_rdt else (), exit_kl=exit_kl if is_rdt else (),
+                                exit_act=exit_act and is_rdt, exit_max_loops=exit_max_loops, device=dev, quiet=quiet)
         tc = card["config"]
         chance = 1.0 / (tc["n_entities"] if card["task"] == "khop" else tc["n_nodes"])  # uniform guess
         results["multihop"] = {"task_dir": str(multihop), "task": card["task"], "data_hash": card["data_hash"],
                                "train_hops": card["train_hops"], "chance": chance,
+                               "test_sha256": _sha256(Path(multihop) / "test.jsonl"),
                                "floor": card["structure"].get("floor"), **res}
     results["elapsed_s"] = round(time.perf_counter() - t0, 2)
     results["time"] = time.time()
     atomic_write_text(out_path, json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _sha256(path: Path) -> str:
+    """sha256 of a file: the card's data hash covers the train/val shards, this the test queries."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -230,8 +264,10 @@ def summary(results: dict[str, Any]) -> str:
         hops = list(mh["count"])
         lines.append(f"  {mh['task']} exact match by hops ({', '.join(hops)}); trained on {mh['train_hops']}")
         for key, acc in mh["accuracy"].items():
-            label = key if key == "default" or key.startswith("hops") else f"T={key}"
+            label = f"T={key}" if key.isdigit() else key
             lines.append(f"    {label:>7}: " + " ".join(f"{acc[h]:.2f}" for h in hops))
+        for key, ts in mh.get("exit_loops", {}).items():
+            lines.append(f"    {key} mean T: " + " ".join(f"{ts[h]:.1f}" for h in hops))
     return "\n".join(lines)
 
 
@@ -249,6 +285,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--hops-offsets", metavar="C[,C...]", default=None,
                    help="multi-hop: also run each query at T = hops + C (default: the RDT's loops.hops_offset "
                         "when it trained with loops.schedule=hops; '' for none)")
+    p.add_argument("--exit-kl", metavar="THR[,THR...]", default="",
+                   help="multi-hop, RDT: also exit per query at the first iteration whose answer distribution "
+                        "is within KL THR of the previous one (e.g. 1e-3)")
+    p.add_argument("--exit-act", action="store_true",
+                   help="multi-hop, RDT with ACT: also exit per query once all its positions halted")
+    p.add_argument("--exit-max-loops", type=int, default=32, metavar="N",
+                   help="most iterations of an adaptive exit (a query not converged by then exits at N)")
     p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
     p.add_argument("--tokenizer", default=None,
                    help="the shards' tokenizer (dir or .model) when the manifest's recorded path no longer finds it")
@@ -264,8 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         offsets = (None if a.hops_offsets is None else  # "" = no per-query setting
                    parse_int_list(a.hops_offsets, "--hops-offsets", 0) if a.hops_offsets.strip() else [])
+        exit_kl = parse_float_list(a.exit_kl, "--exit-kl") if a.exit_kl.strip() else []
         res = run_eval(a.run, checkpoint=a.checkpoint, loops=parse_loops(a.loops), multihop=a.multihop, out=a.out,
-                       hops_offsets=offsets,
+                       hops_offsets=offsets, exit_kl=exit_kl, exit_act=a.exit_act, exit_max_loops=a.exit_max_loops,
                        lm=not a.no_lm, batch_size=a.batch_size, max_batches=a.max_batches, device=a.device,
                        dtype=a.dtype, quiet=a.quiet, tokenizer=a.tokenizer, bpb=not a.no_bpb)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

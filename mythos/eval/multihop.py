@@ -9,6 +9,16 @@ every loop count in ``loops`` (more loops than it was trained with = more test-t
 for each ``c`` in ``hops_offsets``, every query at its own ``T = hops + c`` (key ``"hops+c"``: how
 a model trained with ``loops.schedule=hops`` is meant to run); a dense model has one depth,
 reported under the key ``"default"``.
+
+**Adaptive exit** (RDT only, no oracle: the model decides per query how many loops to run).
+:func:`adaptive_answer` runs the core one iteration at a time, up to ``max_loops``, reading the
+answer position's distribution after every iteration (what the model would predict at that T).
+A query exits at the first iteration ``t >= 2`` whose distribution is within ``exit_kl`` of the
+previous one (``KL(p_t || p_t-1) < exit_kl``, key ``"exit-kl<thr>"``) or, for an ACT model with
+``act=True``, at the first iteration where every position of the query has halted (key
+``"exit-act"``); a query that never converges exits at ``max_loops``. An exited query leaves the
+batch, so it stops costing compute and its answer can no longer change. ``exit_loops`` reports the
+mean T chosen per hop count: the depth the model picked, to read against the hop count.
 """
 
 from __future__ import annotations
@@ -18,11 +28,95 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from mythos.model.base import CausalLM
 from mythos.tasks.generators import exact_match
 
 DEFAULT = "default"
+EXIT_ACT = "exit-act"
+
+
+def exit_kl_key(threshold: float) -> str:
+    """The results key of the KL-convergence exit at ``threshold`` (e.g. ``"exit-kl0.001"``)."""
+    return f"exit-kl{threshold:g}"
+
+
+@torch.no_grad()
+def adaptive_answer(
+    model: CausalLM, prompt: Tensor, *, exit_kl: float = 0.0, act: bool = False, max_loops: int = 32
+) -> tuple[Tensor, Tensor]:
+    """Per query, the next-token logits at the iteration where it exits, and that iteration.
+
+    ``prompt [B, S]`` (no padding: every row's last position predicts its answer). Returns
+    ``(logits [B, vocab] fp32, loops [B] int64 in [1, max_loops])``. Row i's logits equal the
+    model's at ``num_loops = loops[i]`` (eval mode, no cache): the iterations are the trunk's own
+    (zero initial state, LTI step, core blocks; ACT positions freeze once halted and the state
+    read out at iteration t is the one the trunk outputs when t is its last iteration).
+
+    Exit rule: ``exit_kl > 0``: the first ``t >= 2`` with ``KL(p_t || p_{t-1}) < exit_kl``
+    (``exit_kl = 0``: never, so every row runs ``max_loops`` = fixed T); ``act``: also as soon as
+    every position of the row has halted (needs an ACT model). Exited rows leave the batch."""
+    cfg = model.cfg
+    if cfg.kind != "rdt":
+        raise ValueError("adaptive exit needs an RDT (a dense model has one depth)")
+    if max_loops < 1:
+        raise ValueError(f"max_loops must be >= 1, got {max_loops}")
+    if exit_kl < 0:
+        raise ValueError(f"exit_kl must be >= 0, got {exit_kl}")
+    if act and model.halt is None:
+        raise ValueError(f"{cfg.name} has no ACT halting unit (model.act.enabled=false): use the KL exit")
+    from mythos.model.rdt import _ACTState
+
+    b, s = prompt.shape
+    rope = model.rope(0, s)
+    x = model.embed(prompt)
+    for j, block in enumerate(model.prelude):
+        x = model.run_block(block, x, rope, model.value_embed(j, prompt), None, (-1, j))
+    e = model.prelude_norm(x)
+    off = model.core_layer_offset
+    ve = [model.value_embed(off + j, prompt) for j in range(cfg.n_core)]
+    ids, h = prompt, torch.zeros_like(e)
+    halting = _ACTState(h) if model.halt is not None else None
+    rows = torch.arange(b, device=prompt.device)  # original index of every row still looping
+    logits_out = torch.zeros(b, cfg.vocab_size, dtype=torch.float32, device=prompt.device)
+    loops_out = torch.full((b,), max_loops, dtype=torch.long)
+    prev: Tensor | None = None
+    for t in range(max_loops):
+        ctx = model.injection(e)  # recomputed from the surviving rows' e: exact, and cheap
+        h_new, _ = model._iterate(h, ctx, t, rope, ve, None, t)
+        if halting is not None:
+            p = torch.sigmoid(model.halt(h_new).squeeze(-1).float())
+            ran = halting.update(p, h_new, torch.ones_like(p, dtype=torch.bool), False, cfg.act.threshold)
+            h = torch.where(ran.unsqueeze(-1), h_new, h)
+            # what the trunk outputs when t is its last iteration: still-running positions take
+            # their remainder 1 - cum of this iteration's state (the forced halt)
+            left = torch.where(halting.running, 1.0 - halting.cum, torch.zeros_like(halting.cum))
+            state = halting.output + left.unsqueeze(-1).to(h_new.dtype) * h_new
+        else:
+            h = state = h_new
+        logits = model.head(model._finish(state, ids, rope, None))[:, -1].float()
+        logp = F.log_softmax(logits, -1)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=prompt.device)
+        if exit_kl > 0 and prev is not None:
+            done |= F.kl_div(prev, logp, log_target=True, reduction="none").sum(-1) < exit_kl
+        if act:
+            done |= ~halting.running.any(-1)
+        if t == max_loops - 1:
+            done[:] = True
+        if bool(done.any()):
+            logits_out[rows[done]] = logits[done]
+            loops_out[rows[done].cpu()] = t + 1
+        if bool(done.all()):
+            break
+        keep = ~done
+        rows, e, ids, h, prev = rows[keep], e[keep], ids[keep], h[keep], logp[keep]
+        ve = [None if v is None else v[keep] for v in ve]
+        if halting is not None:
+            for name in ("cum", "remainder", "n_updates", "running", "output"):
+                setattr(halting, name, getattr(halting, name)[keep])
+    return logits_out, loops_out
 
 
 @torch.no_grad()
@@ -32,15 +126,22 @@ def evaluate_multihop(
     loops: Sequence[int] = (),
     *,
     hops_offsets: Sequence[int] = (),
+    exit_kl: Sequence[float] = (),
+    exit_act: bool = False,
+    exit_max_loops: int = 32,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     quiet: bool = True,
 ) -> dict[str, Any]:
-    """``{"accuracy": {loops_key: {hops: acc}}, "count": {hops: n}, "train_hops": ...}``.
+    """``{"accuracy": {loops_key: {hops: acc}}, "count": {hops: n}}`` (+ ``"exit_loops"``,
+    ``"exit_max_loops"`` with an adaptive exit).
 
     ``loops_key`` is ``str(T)`` for each RDT loop count (``"default"`` for a dense model, or an
-    RDT evaluated at its configured depth when ``loops`` is empty). Hop counts are string keys
-    (JSON). Prompts go to ``device`` (default: the model's); ``quiet=False`` prints progress."""
+    RDT evaluated at its configured depth when ``loops`` is empty), ``"hops+c"`` per query at
+    ``T = hops + c`` (the oracle), and for an RDT :func:`exit_kl_key` per ``exit_kl`` threshold
+    and ``"exit-act"`` with ``exit_act`` (adaptive exits up to ``exit_max_loops``; their
+    ``exit_loops[key][hops]`` is the mean T chosen). Hop counts are string keys (JSON). Prompts go
+    to ``device`` (default: the model's); ``quiet=False`` prints progress."""
     from mythos.eval.device import Progress
 
     if not examples:
@@ -55,11 +156,18 @@ def evaluate_multihop(
     for e in examples:
         groups[len(e["prompt_ids"]), len(e["answer_ids"])].append(e)
     is_rdt = model.cfg.kind == "rdt"
+    if any(thr <= 0 for thr in exit_kl):
+        raise ValueError(f"exit-kl thresholds must be > 0, got {list(exit_kl)}")
+    if exit_act and not (is_rdt and getattr(model, "halt", None) is not None):
+        raise ValueError(f"--exit-act: {model.cfg.name} has no ACT halting (model.act.enabled=false)")
     # (key, fixed T or None, per-query offset or None)
     settings: list[tuple[str, int | None, int | None]] = (
         [(str(t), int(t), None) for t in loops] + [(f"hops+{c}", None, int(c)) for c in hops_offsets]
         if is_rdt and (loops or hops_offsets) else [(DEFAULT, None, None)]
     )
+    # adaptive exits: (key, KL threshold, ACT)
+    exits = [(exit_kl_key(float(thr)), float(thr), False) for thr in exit_kl] + (
+        [(EXIT_ACT, 0.0, True)] if exit_act else []) if is_rdt else []
     count: dict[str, int] = defaultdict(int)
     for e in examples:
         count[str(e["hops"])] += 1
@@ -86,4 +194,28 @@ def evaluate_multihop(
                 correct[str(e["hops"])] += exact_match(pred, e["answer_ids"])
             prog.update(i + 1)
         accuracy[key] = {h: correct[h] / count[h] for h in sorted(count, key=int)}
-    return {"accuracy": accuracy, "count": dict(sorted(count.items(), key=lambda kv: int(kv[0])))}
+    exit_loops: dict[str, dict[str, float]] = {}
+    for key, thr, act in exits:
+        correct, chosen = defaultdict(int), defaultdict(int)
+        prog = Progress(f"multihop {key}", len(batches), quiet=quiet)
+        for i, (n_answer, chunk) in enumerate(batches):
+            prompt = torch.tensor([e["prompt_ids"] for e in chunk], dtype=torch.long, device=device)
+            logits, t_row = adaptive_answer(model, prompt, exit_kl=thr, act=act, max_loops=exit_max_loops)
+            preds = logits.argmax(-1)[:, None].tolist()
+            if n_answer > 1:  # later answer tokens: decode the query at the depth it chose
+                for t in sorted(set(t_row.tolist())):
+                    sel = (t_row == t).nonzero().flatten()
+                    out = model.generate(prompt[sel.to(prompt.device)], n_answer, num_loops=t)
+                    for j, row in zip(sel.tolist(), out[:, prompt.shape[1]:].tolist()):
+                        preds[j] = row
+            for e, pred, t in zip(chunk, preds, t_row.tolist()):
+                correct[str(e["hops"])] += exact_match(pred, e["answer_ids"])
+                chosen[str(e["hops"])] += t
+            prog.update(i + 1)
+        accuracy[key] = {h: correct[h] / count[h] for h in sorted(count, key=int)}
+        exit_loops[key] = {h: chosen[h] / count[h] for h in sorted(count, key=int)}
+    out: dict[str, Any] = {"accuracy": accuracy, "count": dict(sorted(count.items(), key=lambda kv: int(kv[0])))}
+    if exits:
+        out["exit_loops"] = exit_loops
+        out["exit_max_loops"] = exit_max_loops
+    return out

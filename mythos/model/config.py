@@ -15,9 +15,11 @@ from typing import Literal
 class LoopConfig:
     """How many times the recurrent core runs, and how far gradients flow back through it."""
 
-    schedule: Literal["poisson", "lognormal_poisson", "fixed", "hops"] = "poisson"
+    schedule: Literal["poisson", "lognormal_poisson", "fixed", "uniform", "hops"] = "poisson"
     """``poisson``: per sequence ``T = max(Poisson(mean), 1)`` (Parcae). ``lognormal_poisson``:
     one T per global batch from Huginn's log-normal Poisson. ``fixed``: always ``mean``.
+    ``uniform``: per sequence ``T ~ U{min_loops, ..., max_loops}`` (a floor every sample reaches:
+    the hop-agnostic chain arm, T >= the deepest training query + 1 independent of its hops).
     ``hops``: per sequence ``T = hops + hops_offset``, the sample's reasoning depth read from the
     task shards (``sample_hops`` in the manifest, :mod:`mythos.tasks`): on the multi-hop tasks a
     loop count independent of the hop count trains a T-invariant, memorising solution
@@ -31,7 +33,10 @@ class LoopConfig:
     """Truncated backprop: gradients through the last ``min(T, bwd_depth)`` iterations
     (Parcae mu_bwd=4; Huginn k=8). ``0`` means full backprop through every iteration."""
     max_loops: int = 64
-    """Cap on a sampled T (keeps a rare Poisson/log-normal tail from stalling a step)."""
+    """Cap on a sampled T (keeps a rare Poisson/log-normal tail from stalling a step); the top of
+    ``schedule=uniform``."""
+    min_loops: int = 1
+    """``schedule=uniform``: the smallest T drawn."""
     lognormal_sigma: float = 0.5
     """Huginn's sigma for the log-normal Poisson schedule."""
     eval_loops: int = 0
@@ -51,6 +56,8 @@ class LoopConfig:
             raise ValueError(f"loops.max_loops must be >= 1, got {self.max_loops}")
         if self.hops_offset < 0:
             raise ValueError(f"loops.hops_offset must be >= 0, got {self.hops_offset}")
+        if not 1 <= self.min_loops <= self.max_loops:
+            raise ValueError(f"loops.min_loops must be in [1, loops.max_loops={self.max_loops}], got {self.min_loops}")
         if self.schedule == "fixed" and not float(self.mean).is_integer():
             raise ValueError(f"loops.mean must be an integer for schedule=fixed, got {self.mean}")
 

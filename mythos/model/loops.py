@@ -33,6 +33,7 @@ def sample_loop_counts(cfg: LoopConfig, seed: int, step: int, global_batch: int,
     - ``lognormal_poisson`` (Huginn): one ``T = Poisson(exp(tau)) + 1`` per batch with
       ``tau ~ N(log(mean) - sigma^2/2, sigma)`` (so ``E[T] ~= mean + 1``);
     - ``fixed``: ``mean`` for every sequence;
+    - ``uniform``: per sequence ``T_i ~ U{min_loops, ..., max_loops}`` (independent of the data);
     - ``hops``: ``T_i = hops_i + hops_offset`` from the samples' hop counts ``hops [global_batch]``
       (a function of the sample, hence of the global position through the data order).
     """
@@ -47,6 +48,8 @@ def sample_loop_counts(cfg: LoopConfig, seed: int, step: int, global_batch: int,
     if cfg.schedule == "fixed":
         return torch.full((global_batch,), int(cfg.mean), dtype=torch.long)
     g = _generator(seed, step)
+    if cfg.schedule == "uniform":
+        return torch.randint(cfg.min_loops, cfg.max_loops + 1, (global_batch,), generator=g)
     if cfg.schedule == "poisson":
         t = torch.poisson(torch.full((global_batch,), float(cfg.mean)), generator=g).long()
         return t.clamp(1, cfg.max_loops)

@@ -7,13 +7,14 @@ Layout of ``--out``::
     tokenizer/tokenizer.model   word-level sentencepiece model (mythos.tasks.vocab)
     shards/                     manifest.json (loss_mask: true) + train/val tars: train with these
     test.jsonl                  {"hops", "prompt_ids", "answer_ids", "text"} per test query
-    task.json                   the resolved TaskConfig, vocabulary, split counts, data hash
+    task.json                   the resolved TaskConfig, vocabulary, split counts, data hash, test sha256
 
 Re-running with the same config rewrites byte-identical files (everything is seeded).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,7 +59,8 @@ def build_task(cfg: TaskConfig, out_dir: str | Path) -> dict[str, Any]:
                 }
             )
         )
-    atomic_write_bytes(out / TEST_FILE, ("\n".join(lines) + "\n").encode())
+    test_bytes = ("\n".join(lines) + "\n").encode()
+    atomic_write_bytes(out / TEST_FILE, test_bytes)
     card = {
         "task": cfg.kind,
         "config": to_dict(cfg),
@@ -70,6 +72,8 @@ def build_task(cfg: TaskConfig, out_dir: str | Path) -> dict[str, Any]:
         "test_hops": sorted(set(cfg.test_hops)),
         "splits": {s: len(v) for s, v in data.splits.items()},
         "data_hash": manifest["data_hash"],
+        # the data hash covers the train/val shards; this the test queries (a run's eval records it)
+        "test_sha256": hashlib.sha256(test_bytes).hexdigest(),
         "structure": data.structure,
     }
     atomic_write_json(out / TASK_FILE, card)

@@ -52,6 +52,11 @@ class TaskConfig:
     """Training queries per hop count >= 2 (khop) or per hop count (pointer)."""
     val_per_hop: int = 64
     test_per_hop: int = 200
+    """Test queries per hop count (khop 1-hop: at most one per fact)."""
+    test_per_unseen_hop: int = 0
+    """Test queries per hop count above ``train_max_hops`` (0 = ``test_per_hop``). On a small
+    graph (one relation, 64 entities: 64 distinct queries per hop count) the trained hop counts
+    cannot hold out many queries without starving training, while the unseen ones can."""
     n_entities: int = 32
     """khop: entities of the knowledge graph."""
     n_relations: int = 4
@@ -68,10 +73,18 @@ class TaskConfig:
             raise ValueError("test_hops must be a non-empty list of hop counts >= 1")
         if min(self.train_per_hop, self.val_per_hop, self.test_per_hop) < 1:
             raise ValueError("train_per_hop, val_per_hop and test_per_hop must be >= 1")
+        if self.test_per_unseen_hop < 0:
+            raise ValueError(f"test_per_unseen_hop must be >= 0 (0 = test_per_hop), got {self.test_per_unseen_hop}")
         if self.kind == "khop" and (self.n_entities < 2 or self.n_relations < 1 or self.fact_repeats < 1):
             raise ValueError("khop needs n_entities >= 2, n_relations >= 1, fact_repeats >= 1")
         if self.kind == "pointer" and self.n_nodes < 2:
             raise ValueError(f"pointer needs n_nodes >= 2, got {self.n_nodes}")
+
+    def test_count(self, hops: int) -> int:
+        """Test queries of ``hops`` hops: ``test_per_unseen_hop`` above ``train_max_hops`` when set."""
+        if hops > self.train_max_hops and self.test_per_unseen_hop:
+            return self.test_per_unseen_hop
+        return self.test_per_hop
 
     @property
     def max_hops(self) -> int:
@@ -178,10 +191,10 @@ def _generate_khop(cfg: TaskConfig, rng: np.random.Generator) -> tuple[dict[str,
     test: list[Example] = []
     for k in cfg.test_hops:
         if k == 1:  # the facts themselves: a memorisation check
-            idx = rng.choice(len(facts), size=min(cfg.test_per_hop, len(facts)), replace=False)
+            idx = rng.choice(len(facts), size=min(cfg.test_count(1), len(facts)), replace=False)
             test += [_khop_example(relations, *facts[i]) for i in sorted(idx.tolist())]
             continue
-        qs = _sample_queries(cfg, rng, k, cfg.test_per_hop, held[k], distinct=True)
+        qs = _sample_queries(cfg, rng, k, cfg.test_count(k), held[k], distinct=True)
         held[k].update(qs)
         test += [_khop_example(relations, *q) for q in qs]
     val: list[Example] = []
@@ -235,7 +248,7 @@ def _pointer_example(cfg: TaskConfig, rng: np.random.Generator, hops: int) -> Ex
 def _generate_pointer(cfg: TaskConfig, rng: np.random.Generator) -> tuple[dict[str, list[Example]], dict]:
     # fresh permutations per example: train/val/test collide with probability ~ 1/n_nodes!
     train_hops = range(1, cfg.train_max_hops + 1)
-    test = [_pointer_example(cfg, rng, k) for k in cfg.test_hops for _ in range(cfg.test_per_hop)]
+    test = [_pointer_example(cfg, rng, k) for k in cfg.test_hops for _ in range(cfg.test_count(k))]
     val = [_pointer_example(cfg, rng, k) for k in train_hops for _ in range(cfg.val_per_hop)]
     train = [_pointer_example(cfg, rng, k) for k in train_hops for _ in range(cfg.train_per_hop)]
     order = rng.permutation(len(train))

@@ -49,7 +49,7 @@ class LoopLayout:
     @property
     def per_sequence(self) -> bool:
         """False when every sample of a step has the same T (fixed / per-batch schedules)."""
-        return self.loops.schedule in ("poisson", "hops")
+        return self.loops.schedule in ("poisson", "uniform", "hops")
 
     def counts(self, step: int) -> torch.Tensor:
         """``T [B]`` (int64, CPU) by global position."""

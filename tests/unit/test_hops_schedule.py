@@ -47,6 +47,32 @@ def test_counts_are_hops_plus_offset_and_need_hops() -> None:
     assert expected_loops(HOPS) == (2.5, 2.5)  # the planning estimate: loops.mean
 
 
+def test_uniform_counts_have_a_floor_and_ignore_the_data() -> None:
+    """``uniform``: T ~ U{min_loops..max_loops} per sequence, every value drawn, a pure function of
+    (seed, step) -- the hop counts play no part."""
+    cfg = LoopConfig(schedule="uniform", min_loops=6, max_loops=12, mean=9, bwd_depth=0)
+    t = sample_loop_counts(cfg, 1, 3, 4096)
+    assert int(t.min()) == 6 and int(t.max()) == 12 and set(t.tolist()) == set(range(6, 13))
+    assert t.float().mean().item() == pytest.approx(9.0, abs=0.15)
+    assert torch.equal(t, sample_loop_counts(cfg, 1, 3, 4096, torch.ones(4096, dtype=torch.long)))
+    assert not torch.equal(t, sample_loop_counts(cfg, 1, 4, 4096))
+    assert expected_loops(cfg)[0] == pytest.approx(9.0, abs=0.05)
+    with pytest.raises(ValueError, match="min_loops"):
+        LoopConfig(schedule="uniform", min_loops=13, max_loops=12).validate()
+
+
+def test_the_chain_rdt_is_never_told_the_depth() -> None:
+    """configs/run/rdt-chain.yaml trains with loop counts independent of the hops, every one at
+    least the deepest training query + 1 (configs/tasks/multihop-chain.yaml: 5 hops)."""
+    from mythos.config import load_config
+
+    task = load_config(TaskConfig, "configs/tasks/multihop-chain.yaml")
+    loops = load_run_config("configs/run/rdt-chain.yaml").model.loops
+    assert loops.schedule != "hops"
+    assert int(sample_loop_counts(loops, 1, 0, 10_000).min()) >= task.train_max_hops + 1
+    assert task.test_count(6) >= 48 and all(task.test_count(k) >= 48 for k in task.test_hops if k > 5)
+
+
 def test_task_shards_record_hops_in_the_data_hash(chain_task: Path, tmp_path: Path) -> None:
     data = generate(TaskConfig(**CHAIN))
     manifest = load_manifest(chain_task / "shards")
@@ -91,7 +117,9 @@ def test_layout_gives_each_sample_its_own_hops_plus_offset(chain_task: Path, wor
 
 
 def test_hops_schedule_refused_on_data_without_hops(chain_task: Path, tmp_path: Path) -> None:
-    cfg = load_run_config("configs/run/rdt-chain.yaml", [f"data.shards={chain_task / 'shards'}", "train.max_steps=2"])
+    hops = ["model.loops.schedule=hops", "model.loops.hops_offset=1"]  # the oracle schedule (not rdt-chain's)
+    cfg = load_run_config("configs/run/rdt-chain.yaml", [f"data.shards={chain_task / 'shards'}", "train.max_steps=2",
+                                                         *hops])
     assert check_run(cfg, 2)["train_samples"] > 0
     raw = json.loads((chain_task / "shards" / "manifest.json").read_text())
     del raw["sample_hops"]
@@ -102,7 +130,8 @@ def test_hops_schedule_refused_on_data_without_hops(chain_task: Path, tmp_path: 
     (plain / "manifest.json").unlink()
     (plain / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="schedule=hops needs each sample's hop count") as exc:
-        check_run(load_run_config("configs/run/rdt-chain.yaml", [f"data.shards={plain}", "train.max_steps=2"]), 2)
+        check_run(load_run_config("configs/run/rdt-chain.yaml", [f"data.shards={plain}", "train.max_steps=2",
+                                                                 *hops]), 2)
     assert "\n" not in str(exc.value)
 
 

@@ -57,6 +57,28 @@ def test_pointer_answers_chase_the_listed_permutation() -> None:
 def test_bad_config_is_one_line_error() -> None:
     with pytest.raises(ValueError, match="unused 2-hop queries"):
         generate(TaskConfig(kind="khop", n_entities=3, n_relations=1, test_per_hop=50, test_hops=[2]))
+    with pytest.raises(ValueError, match="test_per_unseen_hop"):
+        generate(_khop(test_per_unseen_hop=-1))
+
+
+def test_unseen_hops_get_their_own_test_count_deterministically(tmp_path: Path) -> None:
+    """``test_per_unseen_hop`` sizes only the hop counts above train_max_hops (the chain task: 64
+    distinct queries per hop count, so trained hops hold out few and unseen hops many); the
+    queries stay distinct and unseen, generation is deterministic, and the count is part of the
+    data (the data hash changes with it)."""
+    chain = dict(kind="khop", seed=1, n_entities=16, n_relations=1, train_per_hop=30, val_per_hop=1,
+                 test_per_hop=3, fact_repeats=2, test_hops=[1, 2, 5, 6, 9])
+    cfg = TaskConfig(**chain, test_per_unseen_hop=14)
+    data = generate(cfg)
+    per_hop = {k: [ex.prompt for ex in data.splits["test"] if ex.hops == k] for k in cfg.test_hops}
+    assert {k: len(v) for k, v in per_hop.items()} == {1: 3, 2: 3, 5: 3, 6: 14, 9: 14}
+    assert all(len(set(v)) == len(v) for v in per_hop.values())
+    train = {ex.prompt for ex in data.splits["train"]}
+    assert not any(p in train for k, v in per_hop.items() if k > 1 for p in v)
+    assert generate(cfg).splits == data.splits
+    assert generate(TaskConfig(**chain)).splits["test"] != data.splits["test"]  # 0 = test_per_hop
+    hashes = [build_task(c, tmp_path / str(i))["data_hash"] for i, c in enumerate([cfg, TaskConfig(**chain)])]
+    assert hashes[0] != hashes[1]
 
 
 def test_word_vocab_is_a_real_sentencepiece_model(tmp_path: Path) -> None:
