@@ -40,7 +40,8 @@ data: install
 demo: install
 	bash launch/demo.sh
 
-# issue 14: the CPU analogue of the claim, 2 seeds per arm (< 60 min on 2 cores); runs/experiment/report
+# issue 20: the CPU analogue of the claim at two sizes, matched compute and matched tokens, 2 LM seeds
+# and 3 chain-task seeds per arm (< 90 min on 2 cores); runs/experiment/report
 experiment: install
 	bash launch/experiment.sh
 

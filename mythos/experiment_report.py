@@ -371,11 +371,16 @@ def _lm_lines(lm: dict[str, Any]) -> list[str]:
     other = [c for c in comps if c["match"] not in ("compute", "tokens")]
     for c in other:
         out += [f"## {c['a']['name']} vs {c['b']['name']} ({c['match'] or 'no plan'})", "", *_comparison_lines(c), ""]
-    if lm["loop_use"]:
+    if lm["loop_use"] or any(c["a"]["loss_by_loops"] for c in comps):
         out += ["## Loop use", "", "Does the RDT use its loop? Val loss at one iteration, at E[T] and at 2x / 4x "
-                "E[T] (seed means, whole val split):", ""]
+                "E[T] (seed means):", ""]
         for name, lu in lm["loop_use"].items():
             out += _loop_use_lines(name, lu)
+        for c in comps:
+            if c["a"]["name"] not in lm["loop_use"] and (by := c["a"]["loss_by_loops"]):
+                out.append(f"- {c['a']['name']} (no E[T] in its plan, so no check): " + ", ".join(
+                    f"T={t}: {by[t]['mean']:.4f}" for t in sorted(by, key=int)))
+                break
         out += ["", "![loss vs loops](loss_vs_loops.png)", ""]
     if len(lm["trend"]) >= 2:
         out += ["## Trend over sizes", "", *_trend_lines(lm["trend"]), "", "![scaling](scaling.png)", ""]

@@ -92,7 +92,8 @@ def test_summary_numbers_plots_and_report(runs: dict[str, Any], capsys: pytest.C
     assert main(_argv(runs)) == 0
     out = runs["out"]
     s = json.loads((out / "summary.json").read_text())
-    lm, mh = s["lm"], s["multihop"]
+    lm, mh = s["lm"]["comparisons"][0], s["multihop"]
+    assert len(s["lm"]["comparisons"]) == 1 and s["lm"]["ratios"] is None  # no model section in these runs
     # LM: mean / gap / seed noise, recomputed from the inputs
     mean_a, mean_b = statistics.fmean(LM_LOSS["a"]), statistics.fmean(LM_LOSS["b"])
     noise = max(max(v) - min(v) for v in LM_LOSS.values())
@@ -123,22 +124,23 @@ def test_summary_numbers_plots_and_report(runs: dict[str, Any], capsys: pytest.C
     for h in mh["unseen_hops"]:
         assert mh["a"]["unseen"][h] == pytest.approx(statistics.fmean(a[best][h] for a in acc_a))
         assert mh["b"]["unseen_per_seed"][1][h] == acc_b[1]["default"][h]
-    for png in ("loss_vs_tokens", "loss_vs_flops", "loss_vs_loops", "multihop_accuracy"):
+    for png in ("loss_vs_flops_rdt-x", "loss_vs_loops", "multihop_accuracy"):
         assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     report = (out / "report.md").read_text()
-    for png in ("loss_vs_tokens", "loss_vs_flops", "loss_vs_loops", "multihop_accuracy"):
+    for png in ("loss_vs_flops_rdt-x", "loss_vs_loops", "multihop_accuracy"):
         assert f"({png}.png)" in report
-    assert "## Arms" in report and "exceeds it" in report and "does not exceed" not in report
+    # |gap| 0.18 > noise 0.06, but with two seeds the Welch interval [-0.58, +0.22] holds 0
+    assert "## Language modelling: matched tokens" in report and "the gap is inside the noise" in report
     assert f"| a | rdt-mh | best fixed T = {best} (one T for every query) | seed 12 |" in report
     printed = capsys.readouterr().out.strip().splitlines()
-    assert 3 <= len(printed) - 1 <= 5 and "gap (a - b)" in printed[1]
+    assert "rdt-x vs dense-x (matched tokens)" in printed[0] and "inside noise" in printed[0]
 
 
 def test_lm_only_without_eval_uses_training_val(runs: dict[str, Any]) -> None:
     """No eval/results.json in one LM run: every run's final val loss is the trainer's last eval."""
     (runs["lm-b"][0] / "eval" / "results.json").unlink()
     assert main(_argv(runs, multihop=False)) == 0
-    lm = json.loads((runs["out"] / "summary.json").read_text())["lm"]
+    lm = json.loads((runs["out"] / "summary.json").read_text())["lm"]["comparisons"][0]
     assert lm["val_loss_source"] == "training"
     assert lm["b"]["final_val_loss"]["per_seed"] == pytest.approx([5.0 + s / 100 for s in SEEDS])
     assert not (runs["out"] / "multihop_accuracy.png").exists()
