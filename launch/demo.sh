@@ -12,4 +12,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXP_OUT=${DEMO_OUT:-runs/demo} EXP_SEEDS=${DEMO_SEEDS:-1} EXP_LM_SIZES=${DEMO_LM_SIZES:-s} \
-  EXP_CHAIN_SEEDS=${DEMO_CHAIN_SEEDS:-1} exec bash launch/experiment.sh
+  EXP_MH_SEEDS=${DEMO_MH_SEEDS:-1} exec bash launch/experiment.sh

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from mythos.compare import CompareError
+from mythos.experiment_multihop import load_multihop_arms, multihop_console_lines, multihop_lines, multihop_summary
 from mythos.experiment_plots import plot_multihop
-from mythos.experiment_report import load_multihop_arms, multihop_console_lines, multihop_lines, multihop_summary
 
 HOPS = [str(h) for h in range(1, 9)]
 TRAIN_HOPS = 5
