@@ -66,12 +66,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mythos.cli_common import ArgumentParser, fail
+from mythos.cli_common import ArgumentParser, fail, parse_int_list
+from mythos.config import ConfigError, load_yaml, resolve_config_path
 from mythos.model.build import build_model, load_model_config
 from mythos.model.config import LoopConfig, ModelConfig
 from mythos.model.loops import executed_loops as step_executed_loops
 from mythos.model.loops import expected_loops, sample_loop_counts
 from mythos.model.moe import MoE
+from mythos.train.config import load_run_config
 
 # ---------------------------------------------------------------------------------------------
 # parameters
@@ -503,15 +505,28 @@ def _table(cfgs: Sequence[ModelConfig], seq_len: int, global_batches: Sequence[i
 def build_parser() -> ArgumentParser:
     """The ``mythos-accounting`` argument parser."""
     parser = ArgumentParser(
-        prog="python -m mythos.accounting",
+        prog="mythos-accounting",
         description="Parameter counts and training FLOPs per token of configs (docs/design.md, 'FLOPs accounting').",
     )
     parser.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                        help="model YAMLs or preset names; key=value overrides apply to all of them")
+                        help="model or run YAMLs, or preset names; key=value overrides apply to all of them")
     parser.add_argument("--seq-len", type=int, default=0, help="sequence length (0 = each model's max_seq_len)")
     parser.add_argument("--global-batch", default="8,64,512",
                         help="RDT: global batch sizes of the executed/model FLOPs rows (default %(default)s)")
     return parser
+
+
+def load_config_for_accounting(path: str, overrides: Sequence[str]) -> ModelConfig:
+    """A model YAML or preset, or a run config (its ``model`` section; ``model.``-prefixed
+    overrides apply to it, so the same ``key=value`` works for both kinds of file)."""
+    try:
+        raw = load_yaml(resolve_config_path(path, kind="model"))
+    except ConfigError:
+        raw = {}
+    if isinstance(raw, dict) and "model" in raw:  # a run config (configs/run/*.yaml)
+        run_overrides = [o if o.startswith("model.") else f"model.{o}" for o in overrides]
+        return load_run_config(path, run_overrides).model
+    return load_model_config(path, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -521,17 +536,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = [a for a in args.items if "=" not in a]
     if not paths:
         parser.error("give at least one model config")
+    if args.seq_len < 0:
+        return fail(f"--seq-len must be >= 0 (0 = each model's max_seq_len), got {args.seq_len}")
     try:
-        cfgs = [load_model_config(p, overrides) for p in paths]
+        batches = parse_int_list(args.global_batch, "--global-batch", 1)
+        cfgs = [load_config_for_accounting(p, overrides) for p in paths]
     except ValueError as exc:  # ConfigError: already one line
         return fail(exc)
     by_len: dict[int, list[ModelConfig]] = {}
     for cfg in cfgs:
         by_len.setdefault(args.seq_len or cfg.max_seq_len, []).append(cfg)
-    try:
-        batches = [int(b) for b in args.global_batch.split(",") if b.strip()]
-    except ValueError:
-        return fail(f"--global-batch must be comma-separated integers, got '{args.global_batch}'")
     print("\n\n".join(_table(group, seq_len, batches) for seq_len, group in by_len.items()))
     print("\nConventions: lookups (token/value embeddings) are not FLOPs; the LM head is a matmul; "
           "attention counts the full SxS scores (no causal halving); RDT uses E[T] forward and "

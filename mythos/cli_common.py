@@ -67,8 +67,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def parse_int_list(text: str | int | None, option: str, minimum: int) -> list[int]:
     """``"1,2,4"`` as sorted unique integers >= ``minimum``; a :class:`ConfigError` naming
     ``option`` for anything else."""
-    try:
-        values = sorted({int(x) for x in str(text).split(",") if x.strip()})
+    try:  # an empty item ("1,,2", "4,") is a typo, not a value to skip
+        values = sorted({int(x) for x in str(text).split(",")})
     except ValueError:
         raise ConfigError(f"{option} must be comma-separated integers, got '{text}'") from None
     if not values or values[0] < minimum:

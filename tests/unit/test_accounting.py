@@ -191,3 +191,23 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "rdt-tiny" in out and "dense-tiny" in out and "total (MFU)" in out and "3.00 / 2.00" in out
     assert main(["rdt-tiny", "no_such_key=1"]) == 2
+
+
+def test_cli_takes_run_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    """A run config counts as its model section, with the same key=value overrides as a model file
+    (issue 24: 'unknown config key data' where train, plan and submit take run configs)."""
+    assert main(["configs/run/rdt-analogue-s-cpu.yaml", "--seq-len", "128", "loops.mean=4"]) == 0
+    via_run = capsys.readouterr().out
+    assert main(["rdt-analogue-s", "--seq-len", "128", "loops.mean=4"]) == 0
+    assert capsys.readouterr().out == via_run and "4.02 / " in via_run  # Poisson(4), T >= 1
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["rdt-tiny", "--global-batch", "0"], "--global-batch must be integers >= 1, got '0'"),
+    (["rdt-tiny", "--global-batch", "8,,64"], "--global-batch must be comma-separated integers, got '8,,64'"),
+    (["rdt-tiny", "--seq-len", "-5"], "--seq-len must be >= 0"),
+])
+def test_cli_bad_numbers_are_one_line(argv: list[str], want: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and want in err, err
