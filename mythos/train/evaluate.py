@@ -124,7 +124,9 @@ def evaluate(
             if token_bytes is not None:
                 sums[2] += token_bytes.count(ids, labels).double()
         dist.all_reduce_sum(sums)
-        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        if sums[1].item() == 0:  # an empty split has no loss: 0 nats over 0 tokens is not 0.0
+            raise ValueError("no val tokens to evaluate (the val split is empty or max_batches cut every batch)")
+        loss = (sums[0] / sums[1]).item()
         ppl = math.exp(min(loss, 50.0))
         bpb = (sums[0] / math.log(2) / sums[2]).item() if token_bytes is not None and sums[2] > 0 else None
         if isinstance(t, int):

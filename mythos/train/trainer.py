@@ -256,6 +256,12 @@ class Trainer:
         due = t.eval_interval and self.step % t.eval_interval == 0
         if not (due or force):
             return {}
+        if self.val_loader.num_samples == 0:  # never log a fake 0.0 loss / 1.0 ppl; say it once
+            if not getattr(self, "_said_no_val", False):
+                self._said_no_val = True
+                self.logger.print(f"warning: the val split of {self.cfg.data.shards} is empty: no val loss is "
+                                  "logged (re-shard with --val-fraction > 0, or set train.eval_interval=0)")
+            return {}
         if not hasattr(self, "_token_bytes"):  # bits per byte need the tokenizer; None when it is not found
             self._token_bytes = TokenBytes.for_shards(self.cfg.data.shards)
             if self._token_bytes is None:  # say so once, rather than leaving val/bpb silently out

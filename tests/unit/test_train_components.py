@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mythos.accounting import flops_per_token
 from mythos.model import load_model_config
 from mythos.train.audit import ConsumedRecord, ids_checksum, read_consumed
 from mythos.train.config import load_run_config
+from mythos.train.evaluate import evaluate
 from mythos.train.provenance import git_commit, run_info, section_hash, write_run_files
 from mythos.train.throughput import Throughput
 
@@ -107,3 +109,11 @@ def test_finish_destroys_the_process_group(tmp_path) -> None:
     dist.finish()
     assert not tdist.is_initialized()
     dist.finish()  # no process group: a no-op
+
+
+def test_evaluate_refuses_an_empty_split_instead_of_logging_zero() -> None:
+    """Issue 24: an empty val split logged val loss 0.0 / ppl 1.0; evaluate() now raises (the
+    trainer skips evaluation with one warning line when its val split is empty)."""
+    cfg = load_model_config("dense-tiny")
+    with pytest.raises(ValueError, match="no val tokens"):
+        evaluate(lambda *a, **k: None, lambda: iter(()), cfg, torch.device("cpu"))
