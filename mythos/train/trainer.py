@@ -327,6 +327,9 @@ class Trainer:
             f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {self.tokens_per_step} tokens"
             f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir}"
         )
+        if self.total_steps <= self.cfg.optim.warmup_steps:  # e.g. a README-style train.max_steps=20 smoke run
+            self.logger.print(f"warning: all {self.total_steps} steps are inside the lr warmup "
+                              f"(optim.warmup_steps={self.cfg.optim.warmup_steps}): the lr never reaches optim.lr")
         try:
             while self.step < self.total_steps:
                 step_t0 = time.perf_counter()
