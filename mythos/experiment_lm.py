@@ -82,6 +82,10 @@ def check_arms(a: Sequence[Run], b: Sequence[Run], what: str) -> list[str]:
     identical data; returns the data-check lines (one per pair checked)."""
     if len(a) != len(b):
         raise CompareError(f"{what}: {len(a)} runs in arm a but {len(b)} in arm b (one run per seed in each)")
+    paths = [r.path.resolve() for r in (*a, *b)]
+    if len(set(paths)) < len(paths):
+        twice = next(p for p in paths if paths.count(p) > 1)
+        raise CompareError(f"{what}: {twice} is given twice (a run compared with itself has no gap to report)")
     for arm in (a, b):
         if len(models := {(r.kind, r.name) for r in arm}) > 1:
             raise CompareError(f"{what}: one arm mixes models {sorted(models)} ({', '.join(str(r.path) for r in arm)})")

@@ -202,6 +202,9 @@ def test_refusals(exp: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> No
     assert err.count("\n") == 1 and "trained on 1,000 tokens but its plan's arm b" in err, err
     assert main([*argv(exp)[:-2]]) == 2  # one --plan short
     assert "3 --plan for 4 LM comparisons" in capsys.readouterr().err
+    a = exp["groups"][0][0]
+    assert main(["--out", str(exp["out"]), "--lm-a", *map(str, a), "--lm-b", *map(str, a)]) == 2
+    assert "is given twice" in capsys.readouterr().err  # a run against itself
     _set_rdt_eval(exp, 1)
     obj["arms"][1]["tokens"] = 1000.0
     p.write_text(json.dumps(obj))
