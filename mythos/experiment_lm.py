@@ -8,8 +8,8 @@ Pure functions of runs and plans (``mythos.compare.Run``, ``mythos.plan`` plan.j
   analogue pair, each analogue row flagged when more than 10% off the cluster's (head shares:
   above :data:`mythos.accounting.HEAD_SHARE_MAX`).
 - :func:`comparison`: one RDT arm against one dense arm under one plan (a size x a matching):
-  seed statistics, the gap of the means with a 95% Welch interval, the seed noise, and the
-  verdict ``inside noise`` when the interval holds 0 or |gap| <= the noise.
+  seed statistics, the gap of the means with a 95% Welch interval, the seed noise, and a verdict
+  (inside the noise / unresolved / an arm ahead).
 - :func:`loop_use`: the RDT's val loss at T = 1, E[T], 2E[T], 4E[T]: does it use its loop, and do
   more loops hurt?
 - :func:`trend`: the matched-compute and matched-tokens gaps per size, ordered by compute.
@@ -167,8 +167,9 @@ def _check_plan(runs: Sequence[Run], arm: dict[str, Any], key: str) -> None:
 def comparison(a: Sequence[Run], b: Sequence[Run], plan: dict[str, Any] | None) -> dict[str, Any]:
     """One RDT (a) vs dense (b) comparison: per arm the runs, seeds, params/tokens/FLOPs and final
     val loss statistics; ``gap`` = mean(a) - mean(b) with its 95% Welch ``interval``; ``noise`` =
-    the larger within-arm max - min (None with one seed); ``verdict``: ``a ahead`` / ``b ahead`` /
-    ``inside noise`` (the interval holds 0 or |gap| <= noise) / ``one seed`` (no noise measured)."""
+    the larger within-arm max - min (None with one seed); ``verdict``: ``inside noise`` (|gap| <=
+    noise), ``unresolved`` (|gap| > noise but the interval holds 0: too few seeds to call it),
+    ``a ahead`` / ``b ahead`` (the interval excludes 0), ``one seed`` (no noise measured)."""
     losses, source = final_val_losses([*a, *b])
     out: dict[str, Any] = {"val_loss_source": source, "match": plan.get("match") if plan else None,
                            "description": plan.get("description") if plan else None}
@@ -203,8 +204,10 @@ def comparison(a: Sequence[Run], b: Sequence[Run], plan: dict[str, Any] | None) 
     out["gap_exceeds_noise"] = abs(out["gap"]) > out["noise"] if out["noise"] is not None else None
     if out["noise"] is None:
         out["verdict"] = "one seed"
-    elif not out["gap_exceeds_noise"] or (out["interval"] and out["interval"][0] <= 0 <= out["interval"][1]):
+    elif not out["gap_exceeds_noise"]:
         out["verdict"] = "inside noise"
+    elif out["interval"] and out["interval"][0] <= 0 <= out["interval"][1]:
+        out["verdict"] = "unresolved"  # beyond the seed spread, but too few seeds to exclude 0
     else:
         out["verdict"] = "a ahead" if out["gap"] < 0 else "b ahead"
     return out

@@ -109,6 +109,8 @@ def _gap_sentence(c: dict[str, Any]) -> str:
     if c["noise"] is None:
         return f"{head} One seed per arm: seed noise was not measured, so this gap says nothing on its own."
     verdict = {"inside noise": "**the gap is inside the noise**: this comparison does not tell the arms apart",
+               "unresolved": f"the gap is beyond the seed spread, but **not resolved**: with {len(a['seeds'])} "
+               "seeds per arm the 95% interval still holds 0",
                "a ahead": f"**{a['name']} is ahead** beyond the noise", "b ahead":
                f"**{b['name']} is ahead** beyond the noise"}[c["verdict"]]
     return (f"{head} Seed noise (the larger within-arm max - min over {len(a['seeds'])} seeds) = "

@@ -130,10 +130,10 @@ def test_summary_numbers_plots_and_report(runs: dict[str, Any], capsys: pytest.C
     for png in ("loss_vs_flops_rdt-x", "loss_vs_loops", "multihop_accuracy"):
         assert f"({png}.png)" in report
     # |gap| 0.18 > noise 0.06, but with two seeds the Welch interval [-0.58, +0.22] holds 0
-    assert "## Language modelling: matched tokens" in report and "the gap is inside the noise" in report
+    assert "## Language modelling: matched tokens" in report and "**not resolved**" in report
     assert f"| a | rdt-mh | best fixed T = {best} (one T for every query) | seed 12 |" in report
     printed = capsys.readouterr().out.strip().splitlines()
-    assert "rdt-x vs dense-x (matched tokens)" in printed[0] and "inside noise" in printed[0]
+    assert "rdt-x vs dense-x (matched tokens)" in printed[0] and "unresolved" in printed[0]
 
 
 def test_lm_only_without_eval_uses_training_val(runs: dict[str, Any]) -> None:
