@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mythos.model.base import CausalLM
+from mythos.model.rdt import ACTState
 from mythos.tasks.generators import exact_match
 
 DEFAULT = "default"
@@ -67,8 +68,6 @@ def adaptive_answer(
         raise ValueError(f"exit_kl must be >= 0, got {exit_kl}")
     if act and model.halt is None:
         raise ValueError(f"{cfg.name} has no ACT halting unit (model.act.enabled=false): use the KL exit")
-    from mythos.model.rdt import _ACTState
-
     b, s = prompt.shape
     rope = model.rope(0, s)
     x = model.embed(prompt)
@@ -78,7 +77,7 @@ def adaptive_answer(
     off = model.core_layer_offset
     ve = [model.value_embed(off + j, prompt) for j in range(cfg.n_core)]
     ids, h = prompt, torch.zeros_like(e)
-    halting = _ACTState(h) if model.halt is not None else None
+    halting = ACTState(h) if model.halt is not None else None
     rows = torch.arange(b, device=prompt.device)  # original index of every row still looping
     logits_out = torch.zeros(b, cfg.vocab_size, dtype=torch.float32, device=prompt.device)
     loops_out = torch.full((b,), max_loops, dtype=torch.long)

@@ -45,7 +45,7 @@ from mythos.model.layers import Block, KVCache, RMSNorm, init_weights
 from mythos.model.loops import sample_loop_counts
 
 
-class _ACTState:
+class ACTState:
     """Running ACT accumulators for positions ``[B, S]`` (fp32)."""
 
     def __init__(self, h: Tensor) -> None:
@@ -219,7 +219,7 @@ class RDT(CausalLM):
         bwd = cfg.loops.bwd_depth
         grad_from = max(n - bwd, 0) if (self.training and bwd > 0) else 0
         outer_grad = torch.is_grad_enabled()
-        act = _ACTState(h) if self.halt is not None else None
+        act = ACTState(h) if self.halt is not None else None
         all_active = torch.ones(b, 1, dtype=torch.bool, device=x.device)
         aux_terms: list[tuple[Tensor, int]] = []
         exit_kl = cfg.early_exit_kl if (cache is not None and not self.training) else 0.0
