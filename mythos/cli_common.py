@@ -64,15 +64,29 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="tag (step0000200), 'latest' (the newest complete one) or a path (tag or exported model dir)")
 
 
+def _parse_list(text: str | int | None, option: str, convert: type, what: str) -> list:
+    """Comma-separated ``convert`` values, sorted and unique; an empty item ("1,,2", "4,") is a
+    typo, not a value to skip: a :class:`ConfigError` naming ``option``."""
+    try:
+        return sorted({convert(x) for x in str(text).split(",")})
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated {what}, got '{text}'") from None
+
+
 def parse_int_list(text: str | int | None, option: str, minimum: int) -> list[int]:
     """``"1,2,4"`` as sorted unique integers >= ``minimum``; a :class:`ConfigError` naming
     ``option`` for anything else."""
-    try:  # an empty item ("1,,2", "4,") is a typo, not a value to skip
-        values = sorted({int(x) for x in str(text).split(",")})
-    except ValueError:
-        raise ConfigError(f"{option} must be comma-separated integers, got '{text}'") from None
+    values = _parse_list(text, option, int, "integers")
     if not values or values[0] < minimum:
         raise ConfigError(f"{option} must be integers >= {minimum}, got '{text}'")
+    return values
+
+
+def parse_float_list(text: str, option: str) -> list[float]:
+    """``"1e-2,1e-3"`` as sorted unique floats > 0; a :class:`ConfigError` naming ``option`` otherwise."""
+    values = _parse_list(text, option, float, "numbers")
+    if not values or values[0] <= 0:
+        raise ConfigError(f"{option} must be numbers > 0, got '{text}'")
     return values
 
 

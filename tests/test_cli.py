@@ -17,7 +17,14 @@ from types import ModuleType
 
 import pytest
 
-from mythos.cli_common import ArgumentParser, out_file, parse_int_list, parse_loops, resolve_checkpoint
+from mythos.cli_common import (
+    ArgumentParser,
+    out_file,
+    parse_float_list,
+    parse_int_list,
+    parse_loops,
+    resolve_checkpoint,
+)
 from mythos.config import ConfigError
 
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())  # tests/ or tests/*/
@@ -135,9 +142,13 @@ def test_parse_loops() -> None:
         with pytest.raises(ConfigError, match="--loops"):
             parse_loops(bad)
     assert parse_int_list("2,0", "--hops-offsets", 0) == [0, 2]
-    for bad in ("x", "-1"):
+    for bad in ("x", "-1", "1,,2", "4,"):  # an empty item is a typo, not skipped
         with pytest.raises(ConfigError, match="--hops-offsets must be"):
             parse_int_list(bad, "--hops-offsets", 0)
+    assert parse_float_list("1e-2,1e-3,1e-2", "--exit-kl") == [1e-3, 1e-2]
+    for bad in ("x", "0", "-1e-3", "1e-3,"):
+        with pytest.raises(ConfigError, match="--exit-kl must be"):
+            parse_float_list(bad, "--exit-kl")
 
 
 def test_out_file() -> None:

@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from mythos.cli_common import add_run_arguments, fail, out_file, parse_int_list, parse_loops
+from mythos.cli_common import add_run_arguments, fail, out_file, parse_float_list, parse_int_list, parse_loops
 from mythos.config import ConfigError
 from mythos.eval.device import ArgumentParser, add_device_args
-from mythos.io import atomic_write_text
+from mythos.io import atomic_write_text, sha256_file
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 12, 16, 24, 32)
 RESULTS = Path("eval") / "results.json"
@@ -137,17 +137,6 @@ def evaluate_lm(
     return out
 
 
-def parse_float_list(text: str, option: str) -> list[float]:
-    """``"1e-2,1e-3"`` as sorted unique floats > 0; a :class:`ConfigError` naming ``option`` otherwise."""
-    try:
-        values = sorted({float(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise ConfigError(f"{option} must be comma-separated numbers, got '{text}'") from None
-    if not values or values[0] <= 0:
-        raise ConfigError(f"{option} must be numbers > 0, got '{text}'")
-    return values
-
-
 def run_eval(
     run_dir: str | Path,
     *,
@@ -188,12 +177,12 @@ def run_eval(
         raise ConfigError(f"--batch-size and --max-batches must be >= 0, got {batch_size} and {max_batches}")
     if exit_max_loops < 1:
         raise ConfigError(f"--exit-max-loops must be >= 1, got {exit_max_loops}")
+    run_cfg = load_run_config_from_dir(run_dir)
     if multihop is not None:
         card, examples = load_task_card(multihop), load_test_examples(multihop)
-        model_cfg = load_run_config_from_dir(run_dir).model
-        if exit_act and model_cfg.kind == "rdt" and not model_cfg.act.enabled:
+        if exit_act and run_cfg.model.kind == "rdt" and not run_cfg.model.act.enabled:
             raise ConfigError(f"--exit-act: {run_dir} has no ACT (model.act.enabled=false); use --exit-kl")
-    token_bytes = resolve_token_bytes(load_run_config_from_dir(run_dir).data, tokenizer, bpb) if lm else None
+    token_bytes = resolve_token_bytes(run_cfg.data, tokenizer, bpb) if lm else None
     run = load_run(run_dir, checkpoint, device=dev, dtype=dt)
     is_rdt = run.cfg.model.kind == "rdt"
     out_path = out_file(out, Path(run_dir) / RESULTS.parent, RESULTS.name)
@@ -233,19 +222,13 @@ def run_eval(
         chance = 1.0 / (tc["n_entities"] if card["task"] == "khop" else tc["n_nodes"])  # uniform guess
         results["multihop"] = {"task_dir": str(multihop), "task": card["task"], "data_hash": card["data_hash"],
                                "train_hops": card["train_hops"], "chance": chance,
-                               "test_sha256": _sha256(Path(multihop) / "test.jsonl"),
+                               # the card's data hash covers the train/val shards, this the test queries
+                               "test_sha256": sha256_file(Path(multihop) / "test.jsonl"),
                                "floor": card["structure"].get("floor"), **res}
     results["elapsed_s"] = round(time.perf_counter() - t0, 2)
     results["time"] = time.time()
     atomic_write_text(out_path, json.dumps(results, indent=2) + "\n")
     return results
-
-
-def _sha256(path: Path) -> str:
-    """sha256 of a file: the card's data hash covers the train/val shards, this the test queries."""
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def summary(results: dict[str, Any]) -> str:

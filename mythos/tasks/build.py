@@ -14,7 +14,6 @@ Re-running with the same config rewrites byte-identical files (everything is see
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 from mythos.cli_common import ArgumentParser, fail
 from mythos.config import ConfigError, from_dict, load_config, to_dict
 from mythos.data.shard_writer import write_example_shards
-from mythos.io import atomic_write_bytes, atomic_write_json
+from mythos.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 from mythos.tasks.generators import TaskConfig, generate
 
 TASK_FILE = "task.json"
@@ -73,7 +72,7 @@ def build_task(cfg: TaskConfig, out_dir: str | Path) -> dict[str, Any]:
         "splits": {s: len(v) for s, v in data.splits.items()},
         "data_hash": manifest["data_hash"],
         # the data hash covers the train/val shards; this the test queries (a run's eval records it)
-        "test_sha256": hashlib.sha256(test_bytes).hexdigest(),
+        "test_sha256": sha256_bytes(test_bytes),
         "structure": data.structure,
     }
     atomic_write_json(out / TASK_FILE, card)
