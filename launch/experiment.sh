@@ -53,8 +53,9 @@ evaluate() {  # evaluate RUN_DIR [mythos.eval args...]; skipped when RUN/eval/re
   # one process: both cores (the 2-rank trainings use one thread per rank)
   OMP_NUM_THREADS=2 "$PY" -m mythos.eval --run "$run" --quiet "$@"
 }
-runs() { local prefix=$1 s out=(); for s in $SEEDS; do out+=("$OUT/${prefix}-s${s}"); done; echo "${out[@]}"; }
-mh_runs() { local prefix=$1 s out=(); for s in $MH_SEEDS; do out+=("$OUT/${prefix}-s${s}"); done; echo "${out[@]}"; }
+seeded() { local prefix=$1 s out=(); shift; for s in "$@"; do out+=("$OUT/${prefix}-s${s}"); done; echo "${out[@]}"; }
+runs() { seeded "$1" $SEEDS; }         # one run dir per LM seed
+mh_runs() { seeded "$1" $MH_SEEDS; }   # one run dir per chain seed
 
 if has lm; then
   phase "LM data: the demo corpus at vocab 1024, seq 128 (~1 min; no network needed)"

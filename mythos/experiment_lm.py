@@ -50,10 +50,9 @@ def seed_of(run: Run) -> str | None:
 
 
 def stats(xs: Sequence[float]) -> dict[str, Any]:
-    """Mean, min, max, half-range (``(max - min) / 2``), sample std (0 for one value) and the
-    per-seed values."""
+    """Mean, min, max, half-range (``(max - min) / 2``) and the per-seed values."""
     return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "half_range": (max(xs) - min(xs)) / 2,
-            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "per_seed": list(xs)}
+            "per_seed": list(xs)}
 
 
 def t95(df: float) -> float:
@@ -214,8 +213,8 @@ def comparison(a: Sequence[Run], b: Sequence[Run], plan: dict[str, Any] | None) 
 
 
 def loop_use(c: dict[str, Any]) -> dict[str, Any] | None:
-    """The loop-use check of a comparison's RDT arm (None without loss-by-loops): val loss at
-    T = 1, E[T], 2E[T], 4E[T] (E[T] from the plan, else the model's rounded mean), ``gain`` =
+    """The loop-use check of a comparison's RDT arm (None without loss-by-loops or without the
+    plan's E[T]): val loss at T = 1, E[T], 2E[T], 4E[T] (E[T] rounded), ``gain`` =
     loss(1) - loss(E[T]) (> 0: the loop is used), ``extra_2x`` / ``extra_4x`` = loss(kE[T]) -
     loss(E[T]) (> 0: more loops hurt). ``threshold`` = max(the RDT's seed spread at E[T],
     :data:`MIN_EFFECT`): effects at or below it are reported as none."""
