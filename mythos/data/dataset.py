@@ -85,7 +85,8 @@ class PackedSamples(ConcatenatedSamples):
             if not path.is_file():  # verify == "none" still cannot read a missing file
                 raise DataFormatError(f"shard {path} is missing (re-run data_prep.shard)")
             index = load_index(path, info.sha256, info.num_samples, index_cache)
-            self.readers.append(ShardReader(path, index, manifest.dtype, self.tokens_per_sample, self.rows))
+            self.readers.append(ShardReader(path, index, manifest.dtype, self.tokens_per_sample, self.rows,
+                                            vocab_size=manifest.vocab_size))
         self._where = f" of split '{split}'"
         self._set_part_sizes([len(r) for r in self.readers])
 

@@ -67,12 +67,19 @@ def load_index(shard: Path, sha256: str, expected_samples: int, cache: bool) -> 
     return idx
 
 
+CORRUPT_HINT = ("the shard's bytes are corrupt; data.verify: size checks only file sizes, data.verify: full "
+                "(sha256 at start-up) would refuse it; rebuild it with data_prep.shard")
+
+
 class ShardReader:
     """Reads packed samples of one shard by position. ``read(i) -> np.ndarray [tokens_per_sample]``,
     or ``[rows, tokens_per_sample]`` for loss-masked shards (``rows = 2``: tokens, mask)."""
 
-    def __init__(self, path: Path, index: np.ndarray, dtype: str, tokens_per_sample: int, rows: int = 1):
+    def __init__(self, path: Path, index: np.ndarray, dtype: str, tokens_per_sample: int, rows: int = 1,
+                 vocab_size: int | None = None):
+        """``vocab_size``: every read checks its token ids are below it (and a mask row is 0/1)."""
         self.path = path
+        self.vocab_size = vocab_size
         self.index = index
         self.dtype = np.dtype(dtype)
         self.tokens_per_sample = tokens_per_sample
@@ -101,7 +108,26 @@ class ShardReader:
         if self._header < 0:
             self._header = self._parse_header(data, i)
         arr = np.frombuffer(data, dtype=self.dtype, offset=self._header)
-        return arr if self.rows == 1 else arr.reshape(self.shape)
+        if arr.size != self.rows * self.tokens_per_sample:
+            raise DataFormatError(f"shard {self.path}: sample {i} holds {arr.size} values, not "
+                                  f"{self.rows * self.tokens_per_sample} ({CORRUPT_HINT})")
+        arr = arr if self.rows == 1 else arr.reshape(self.shape)
+        self._check_values(arr, i)
+        return arr
+
+    def _check_values(self, arr: np.ndarray, i: int) -> None:
+        """Per-sample validation on the hot path (one ``max`` over a few thousand ids: ~1 us, next
+        to milliseconds per step): an id past the vocabulary would otherwise crash the embedding
+        lookup naming nothing, or, on GPU, read garbage. Bytes flipped to *another valid* id cannot
+        be seen here; only ``data.verify: full`` (sha256 at start-up) catches those."""
+        tokens = arr if self.rows == 1 else arr[0]
+        if self.vocab_size is not None and int(tokens.max()) >= self.vocab_size:
+            pos = int(np.argmax(tokens >= self.vocab_size))
+            raise DataFormatError(f"shard {self.path}: sample {i} has token id {int(tokens[pos])} at position {pos}, "
+                                  f"past the vocabulary ({self.vocab_size}) ({CORRUPT_HINT})")
+        if self.rows == 2 and int(arr[1].max()) > 1:
+            raise DataFormatError(f"shard {self.path}: sample {i} has a loss-mask value {int(arr[1].max())} "
+                                  f"(expected 0/1) ({CORRUPT_HINT})")
 
     def _parse_header(self, data: bytes, i: int) -> int:
         """Check the first member's .npy header against the manifest; return its length."""

@@ -204,6 +204,34 @@ def test_missing_truncated_corrupt_shard(shard_copy: Path) -> None:
         build_train_loader(DataConfig(shards=str(shard_copy / "nowhere")), B, 8)
 
 
+def test_corrupt_ids_under_verify_size_name_the_shard_and_sample(shard_copy: Path) -> None:
+    """``verify: size`` cannot see flipped bytes at start-up; the per-sample check on every read
+    must, once an id falls outside the vocabulary (the embedding lookup would crash naming nothing)."""
+    manifest = load_manifest(shard_copy)
+    clean = PackedSamples(manifest, "train", verify="size")
+    k = next(i for i, r in enumerate(clean.readers) if r.path.name == "train-00001.tar")
+    reader = clean.readers[k]
+    reader.read(0)  # parses the .npy header length
+    offset, _ = reader.index[7]
+    at = int(offset) + reader._header + 2 * 10 + 1  # high byte of token 10 of sample 7 (uint16)
+    victim = shard_copy / "train-00001.tar"
+    data = bytearray(victim.read_bytes())
+    data[at] = 0xFF  # id >= 65280 > vocab 1024; same size, so verify: size passes
+    victim.write_bytes(bytes(data))
+    clean.close()
+    samples = PackedSamples(manifest, "train", verify="size")
+    g = int(samples._starts[k]) + 7
+    samples[g - 1]  # its neighbour still reads
+    with pytest.raises(DataFormatError, match=r"train-00001\.tar: sample 7 has token id \d+ at position 10, past "
+                                              r"the vocabulary \(1024\).*verify: full"):
+        samples[g]
+    # and through the training loader, whichever step reaches it
+    ld = build_train_loader(DataConfig(shards=str(shard_copy), verify="size"), B, 8)
+    with pytest.raises(DataFormatError, match=r"train-00001\.tar: sample 7"):
+        for _ in range(ld.steps_per_epoch):
+            ld.next_step()
+
+
 def test_index_cache_is_written_and_reused(shard_copy: Path) -> None:
     cfg = DataConfig(shards=str(shard_copy))
     first = build_train_loader(cfg, B, 8).fingerprint(10)
