@@ -8,6 +8,9 @@
   every tool that reads a checkpoint (eval, the lm-eval adapter, export).
 - :func:`out_file`: ``--out DIR`` for a tool that writes one results file (a ``.json`` path is
   still accepted, for scripts written before the convention).
+- :func:`check_out_dir` / :func:`prepare_out_dir`: prove an output directory writable (and
+  create it) *before* the work, so a bad ``--out`` (a file, a read-only place) is one line, not a
+  traceback after minutes of work.
 
 Kept free of heavy imports: the data-prep tools use it too.
 """
@@ -15,7 +18,9 @@ Kept free of heavy imports: the data-prep tools use it too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -102,6 +107,45 @@ def out_file(out: str | Path | None, default_dir: Path, name: str) -> Path:
         return default_dir / name
     path = Path(out)
     return path if path.suffix == ".json" else path / name
+
+
+def _probe(directory: Path) -> None:
+    fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_out_dir(out: str | Path, option: str = "--out") -> Path:
+    """Prove that the directory ``out`` can be created (or written, if it exists) *without*
+    creating it: a probe file goes into ``out`` or its nearest existing ancestor. A
+    :class:`ConfigError` naming ``option`` when ``out`` is a file, lies under a file, or cannot be
+    written (read-only filesystem, permissions, an immutable directory)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a directory: give a directory (created if missing)")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        _probe(base)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path} is not writable ({exc.strerror or exc}): "
+                          "choose a directory you can write to") from None
+    return path
+
+
+def prepare_out_dir(out: str | Path, option: str = "--out") -> Path:
+    """:func:`check_out_dir`, then create ``out`` (and its parents) and probe it; returns it."""
+    path = check_out_dir(out, option)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _probe(path)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path} is not writable ({exc.strerror or exc}): "
+                          "choose a directory you can write to") from None
+    return path
 
 
 EXPORTED_WEIGHTS = "model.safetensors"

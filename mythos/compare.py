@@ -1,6 +1,6 @@
 """Compare two training runs: a Markdown report with a table and plots.
 
-    mythos-compare --a RUN_A --b RUN_B --out report/ [--allow-different-data] \\
+    mythos-compare --a RUN_A --b RUN_B --out report/ [--allow-different-data] [--allow-unmatched-budget] \\
         [--multihop RDT_TASK_RUN DENSE_TASK_RUN]
 
 (``mythos-compare RUN_A RUN_B ...``, the older positional form, still works.)
@@ -24,6 +24,18 @@ equal, and so must their records of what they *consumed* (``consumed.jsonl``: a 
 the sample ids every step trained on) at every step both logged; otherwise the comparison is
 refused (exit 2, one line) unless ``--allow-different-data``, which writes the report labelled
 "DIFFERENT DATA". The same check applies to the ``--multihop`` pair.
+
+**Equal budgets are checked too** (:func:`budget_check`): the two runs must have trained on the
+same number of tokens (a matched-tokens comparison) or the same model FLOPs within
+:data:`mythos.plan.COMPUTE_TOLERANCE` (matched compute), and a run is never compared with itself.
+Otherwise the comparison is refused (exit 2, one line) unless ``--allow-unmatched-budget``, which
+labels the report "UNMATCHED BUDGETS". Refusing rather than comparing at the common step: the two
+learning-rate schedules decay to different ends, so a shorter run's loss at step k is not what the
+longer run's would be at k with the same budget.
+
+Wall time spans every segment of a resumed run (``run_info.json`` ``segments``;
+:mod:`mythos.train.provenance`) and excludes the time between them (a requeued job waiting in the
+queue); device-hours sum each segment's duration times its world size.
 """
 
 from __future__ import annotations
@@ -38,8 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mythos.cli_common import ArgumentParser, fail
+from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
+from mythos.config import ConfigError
 from mythos.io import atomic_write_text
+from mythos.plan import COMPUTE_TOLERANCE
 from mythos.train.audit import read_consumed
 
 COLORS = ("tab:blue", "tab:orange")
@@ -154,6 +168,71 @@ def data_check(a: Run, b: Run) -> tuple[bool, str]:
     return True, f"{line}; consumed the same samples through step {common[-1]} (consumed.jsonl)"
 
 
+def budget_check(a: Run, b: Run) -> tuple[str | None, str]:
+    """``(match, one-line description)``: ``match`` is ``"tokens"`` when both runs trained on the
+    same number of tokens, ``"compute"`` when their model FLOPs agree within
+    :data:`COMPUTE_TOLERANCE`, None otherwise (then the runs' final numbers are not comparable).
+    Raises :class:`CompareError` for a run compared with itself. A run that stopped before its
+    ``total_steps`` is named in the line."""
+    if a.path.resolve() == b.path.resolve():
+        raise CompareError(f"{a.path} is given as both runs (a run compared with itself has no gap to report)")
+    ta, tb = (r.train[-1].get("train/tokens") for r in (a, b))
+    fa, fb = (r.train[-1].get("train/flops") for r in (a, b))
+    unfinished = [f"{r.path} stopped at step {r.train[-1]['step']} of {r.info['total_steps']}"
+                  for r in (a, b) if r.info.get("total_steps") and r.train[-1]["step"] < r.info["total_steps"]]
+    tail = f" ({'; '.join(unfinished)})" if unfinished else ""
+    if ta is not None and ta == tb:
+        return "tokens", f"matched tokens: {int(ta):,} in both runs{tail}"
+    if fa and fb and abs(fa / fb - 1) <= COMPUTE_TOLERANCE:
+        return "compute", f"matched compute: model FLOPs {fa:.3e} vs {fb:.3e} ({100 * (fa / fb - 1):+.2f}%){tail}"
+    return None, (f"unmatched budgets: {fmt_cell(ta, ',.0f')} vs {fmt_cell(tb, ',.0f')} tokens and model FLOPs "
+                  f"{fmt_cell(fa, '.3e')} vs {fmt_cell(fb, '.3e')} (neither matched tokens nor compute within "
+                  f"{100 * COMPUTE_TOLERANCE:g}%){tail}")
+
+
+# ---------------------------------------------------------------------------------------------
+# time: a resumed run's segments
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    world_size: int | None
+
+    @property
+    def seconds(self) -> float:
+        return max(self.end - self.start, 0.0)
+
+
+def segments(run: Run) -> list[Segment]:
+    """The run's training segments in order. ``run_info.json`` lists them (one per start or
+    resume); a segment without a recorded end (killed without warning) ends at its last metrics
+    row. A record from before segments existed is one segment from ``start_time``."""
+    rows = [*run.train, *run.val]
+    recs = run.info.get("segments") or [{"start_time": run.info.get("start_time", run.train[0].get("time", 0.0)),
+                                         "world_size": run.info.get("world_size")}]
+    out = []
+    for i, rec in enumerate(recs):
+        start = float(rec["start_time"])
+        end = rec.get("end_time")
+        if end is None:
+            nxt = float(recs[i + 1]["start_time"]) if i + 1 < len(recs) else math.inf
+            end = max((r["time"] for r in rows if start <= r.get("time", -math.inf) < nxt), default=start)
+        out.append(Segment(start, float(end), rec.get("world_size")))
+    return out
+
+
+def elapsed(segs: Sequence[Segment], t: float) -> float:
+    """Training seconds up to wall-clock time ``t``: whole earlier segments plus the part of the
+    one ``t`` falls in (the gaps between segments are not training time)."""
+    before = [s for s in segs if s.start <= t]
+    if not before:
+        return 0.0
+    *done, cur = before
+    return sum(s.seconds for s in done) + (t - cur.start)
+
+
 # ---------------------------------------------------------------------------------------------
 # table
 
@@ -172,7 +251,9 @@ def fmt_cell(x: Any, spec: str = ".4f") -> str:
 def summarize(run: Run) -> dict[str, Any]:
     """The table's numbers for one run (None where unavailable)."""
     last = run.train[-1]
-    wall = last.get("time", math.nan) - run.info.get("start_time", run.train[0].get("time", math.nan))
+    segs = segments(run)
+    wall = sum(s.seconds for s in segs)
+    dev_s = [s.seconds * s.world_size for s in segs if s.world_size]
     ev = run.eval or {}
     lm = ev.get("lm") or {}
     s: dict[str, Any] = {
@@ -185,6 +266,9 @@ def summarize(run: Run) -> dict[str, Any]:
         "eval_loss": lm.get("loss"), "eval_bpb": lm.get("bpb"), "eval_ppl": lm.get("ppl"),
         "eval_checkpoint": ev.get("checkpoint"),
         "wall_s": wall if math.isfinite(wall) else None,
+        "segments": len(segs),
+        "device_hours": sum(dev_s) / 3600 if len(dev_s) == len(segs) else None,
+        "tokens_per_wall_s": last.get("train/tokens") / wall if wall > 0 and last.get("train/tokens") else None,
         "tokens_per_s": _median(run.train, "perf/tokens_per_s"),
         "mfu": _median(run.train, "perf/mfu"),
         "world_size": run.info.get("world_size"),
@@ -211,8 +295,11 @@ def table(sa: dict[str, Any], sb: dict[str, Any]) -> str:
         ("eval perplexity", lambda s: fmt_cell(s["eval_ppl"], ".2f")),
         ("best RDT loop count (eval loss)", lambda s: f"T={s['best_loops']}: {s['best_loops_loss']:.4f}"
             if "best_loops" in s else "-"),
-        ("wall time", lambda s: fmt_cell(s["wall_s"], ".0f") + " s"),
-        ("median tokens/s", lambda s: fmt_cell(s["tokens_per_s"], ",.0f")),
+        ("wall time (all segments)", lambda s: fmt_cell(s["wall_s"], ".0f") + f" s ({s['segments']} segment"
+            + ("s)" if s["segments"] != 1 else ")")),
+        ("device-hours (world size x wall)", lambda s: fmt_cell(s["device_hours"], ".3g")),
+        ("tokens/s over the wall time", lambda s: fmt_cell(s["tokens_per_wall_s"], ",.0f")),
+        ("median tokens/s (per step)", lambda s: fmt_cell(s["tokens_per_s"], ",.0f")),
         ("median MFU", lambda s: fmt_cell(100 * s["mfu"], ".1f") + " %" if s["mfu"] is not None
             else "n/a (no peak FLOP/s: CPU)"),
         ("world size", lambda s: str(s["world_size"])),
@@ -245,11 +332,11 @@ def plot_loss(runs: Sequence[Run], x_key: str, xlabel: str, path: Path, title: s
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for run, color in zip(runs, COLORS):
-        t0 = run.info.get("start_time", run.train[0].get("time", 0.0))
-        xs = [(r["time"] - t0) if x_key == "time" else r.get(x_key, math.nan) for r in run.train]
+        segs = segments(run)
+        xs = [elapsed(segs, r["time"]) if x_key == "time" else r.get(x_key, math.nan) for r in run.train]
         ax.plot(xs, [r["train/loss"] for r in run.train], color=color, alpha=0.8, lw=1.2, label=f"{run.name} train")
         if run.val:
-            vx = [(r["time"] - t0) if x_key == "time" else r.get(x_key, math.nan) for r in run.val]
+            vx = [elapsed(segs, r["time"]) if x_key == "time" else r.get(x_key, math.nan) for r in run.val]
             ax.plot(vx, [r["val/loss"] for r in run.val], "o--", color=color, ms=5, label=f"{run.name} val")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (nats/token)")
@@ -354,16 +441,24 @@ def multihop_table(runs: Sequence[Run]) -> str:
 
 
 def build_report(a: Run, b: Run, out: Path, *, identical: bool, data_line: str,
-                 task_pair: tuple[Run, Run] | None = None, task_identical: bool = True, task_line: str = "") -> Path:
+                 task_pair: tuple[Run, Run] | None = None, task_identical: bool = True, task_line: str = "",
+                 budget: tuple[str | None, str] | None = None) -> Path:
+    """Write ``out/report.md`` and its plots; ``budget`` is :func:`budget_check`'s result (computed
+    here when not given)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = (a, b)
+    match, budget_line = budget or budget_check(a, b)
     label = "identical-data comparison" if identical else "DIFFERENT DATA (not an identical-data comparison)"
+    label += f", matched {match}" if match else ", UNMATCHED BUDGETS"
     sa, sb = summarize(a), summarize(b)
-    lines = [f"# {a.name} vs {b.name}: {label}", "", f"- Data: {data_line}",
+    lines = [f"# {a.name} vs {b.name}: {label}", "", f"- Data: {data_line}", f"- Budget: {budget_line}",
              f"- Runs: `{a.path}` and `{b.path}`", ""]
     if not identical:
         lines += ["> **Warning:** the runs did not see the same data; differences below mix model and data "
                   "effects.", ""]
+    if match is None:
+        lines += ["> **Warning:** the runs trained on neither the same tokens nor the same compute; their final "
+                  "numbers are not a matched comparison (read the curves at equal tokens or FLOPs).", ""]
     lines += ["## Summary", "", table(sa, sb), "",
               "FLOPs are model FLOPs (mythos.accounting; the RDT at its expected loop count). "
               "`eval` rows come from `python -m mythos.eval` (whole val split, bits per byte from exact "
@@ -404,13 +499,17 @@ def build_report(a: Run, b: Run, out: Path, *, identical: bool, data_line: str,
 def build_parser() -> ArgumentParser:
     """The ``mythos-compare`` argument parser."""
     ap = ArgumentParser(prog="mythos-compare", description=__doc__)
-    ap.add_argument("--a", default=None, metavar="RUN_DIR", help="run directory of arm A (e.g. the RDT)")
-    ap.add_argument("--b", default=None, metavar="RUN_DIR", help="run directory of arm B (e.g. the dense baseline)")
+    req = ap.add_argument_group("required (or the older positional form RUN_A RUN_B)")
+    req.add_argument("--a", default=None, metavar="RUN_DIR", help="run directory of arm A (e.g. the RDT)")
+    req.add_argument("--b", default=None, metavar="RUN_DIR", help="run directory of arm B (e.g. the dense baseline)")
     ap.add_argument("run_a", nargs="?", default=None, help=argparse.SUPPRESS)  # the older positional spelling
     ap.add_argument("run_b", nargs="?", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", required=True, metavar="DIR", help="report directory (report.md + PNGs)")
+    req.add_argument("--out", required=True, metavar="DIR", help="report directory (report.md + PNGs)")
     ap.add_argument("--allow-different-data", action="store_true",
                     help="write the report even if the data fingerprints differ (labelled as such)")
+    ap.add_argument("--allow-unmatched-budget", action="store_true",
+                    help="write the report even if the runs trained on neither the same tokens nor the same "
+                         "model FLOPs (labelled UNMATCHED BUDGETS)")
     ap.add_argument("--multihop", nargs=2, metavar=("RUN_C", "RUN_D"),
                     help="a pair of runs trained on a mythos.tasks task: adds the depth-extrapolation section")
     return ap
@@ -428,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("the two runs are required: --a RUN_A --b RUN_B")
     try:
         ra, rb = load_run(a.run_a), load_run(a.run_b)
+        budget = budget_check(ra, rb)
+        if budget[0] is None and not a.allow_unmatched_budget:
+            raise CompareError(f"{budget[1]}; refusing (pass --allow-unmatched-budget to write a report labelled "
+                               "as such)")
         identical, line = data_check(ra, rb)
         if not identical and not a.allow_different_data:
             raise CompareError(f"{line}; refusing an identical-data comparison (pass --allow-different-data to "
@@ -438,9 +541,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_ident, t_line = data_check(*pair)
             if not t_ident and not a.allow_different_data:
                 raise CompareError(f"--multihop runs: {t_line}; refusing (pass --allow-different-data)")
-        report = build_report(ra, rb, Path(a.out), identical=identical, data_line=line, task_pair=pair,
-                              task_identical=t_ident, task_line=t_line)
-    except CompareError as exc:
+        out = prepare_out_dir(a.out)
+        report = build_report(ra, rb, out, identical=identical, data_line=line, task_pair=pair,
+                              task_identical=t_ident, task_line=t_line, budget=budget)
+    except (CompareError, ConfigError) as exc:
         return fail(exc)
     print(f"wrote {report} ({'identical data' if identical else 'DIFFERENT DATA'})")
     return 0

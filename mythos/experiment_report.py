@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mythos.cli_common import ArgumentParser, fail
-from mythos.compare import CompareError, Run, fmt_cell, load_run
+from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
+from mythos.compare import CompareError, Run, budget_check, fmt_cell, load_run
+from mythos.config import ConfigError
 from mythos.experiment_lm import ARMS, check_arms, comparison, loop_use, ratio_table, run_model_config, trend
 from mythos.experiment_multihop import (
     load_multihop_arms,
@@ -303,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"{len(a.plan)} --plan for {len(a.lm_a)} LM comparisons: give one per comparison, or none")
     if a.train_hops < 1:
         return fail(f"--train-hops must be >= 1, got {a.train_hops}")
-    out = Path(a.out)
+    try:
+        out = prepare_out_dir(a.out)
+    except ConfigError as exc:
+        return fail(exc)
     try:
         cache: dict[str, Run] = {}
         load = lambda p: cache.setdefault(p, load_run(p))  # noqa: E731 -- a comparison may share runs
@@ -312,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = {"a": [load(p) for p in ga], "b": [load(p) for p in gb]}
             plan = _load_plan(a.plan[i], runs) if a.plan else None
             data_lines += [ln for ln in check_arms(runs["a"], runs["b"], "LM runs") if ln not in data_lines]
+            if plan is None:  # a plan states its own match (it may be tokens-per-param); without one, insist
+                for x, y in zip(runs["a"], runs["b"]):
+                    if (match := budget_check(x, y))[0] is None:
+                        raise CompareError(f"LM runs {x.path} vs {y.path}: {match[1]}; give the --plan they were "
+                                           "trained from, or runs with equal budgets")
             groups.append((runs["a"], runs["b"], plan))
         mh_runs = None
         if a.mh_a:
@@ -321,7 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         mh = multihop_summary(mh_runs, a.train_hops) if mh_runs else None
     except (CompareError, KeyError, ValueError) as exc:
         return fail(exc if isinstance(exc, CompareError) else f"malformed input: {type(exc).__name__}: {exc}")
-    out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, tuple[list[Run], list[Run]]] = {}
     for (ga, gb, _), c in zip(groups, lm["comparisons"]):
         if c["a"]["name"] not in curves or c["match"] == "compute":  # the headline's dense arm

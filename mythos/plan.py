@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from mythos.accounting import count_params, executed_loops, flops_per_token
-from mythos.cli_common import ArgumentParser, fail
+from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
 from mythos.config import ConfigError, dump_yaml, to_dict
 from mythos.io import atomic_write_text
 from mythos.model.build import build_model
@@ -316,14 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
+        out = prepare_out_dir(a.out) if a.out else None  # before the work: a bad --out is one line
         cfg_a, cfg_b = load_run_config(a.a), load_run_config(a.b)
         p = plan(cfg_a, cfg_b, a.match, tokens=a.tokens, flops=a.flops, ratio=a.ratio, params_basis=a.params_basis,
                  gpus=a.gpus, peak_tflops=a.peak_tflops, mfu=a.mfu, seq_len=a.seq_len, paths=(a.a, a.b))
     except (ConfigError, FileNotFoundError) as exc:
         return fail(exc)
     print(format_table(_display(p)))
-    if a.out:
-        for path in write_outputs(p, (cfg_a, cfg_b), Path(a.out)):
+    if out is not None:
+        for path in write_outputs(p, (cfg_a, cfg_b), out):
             print(f"wrote {path}")
     return 0
 

@@ -150,3 +150,34 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{label}}}}"
 metric_list: [{{metric: acc}}]
 """
+
+
+def _can_write(path: Path) -> bool:
+    try:
+        (path / ".probe").write_text("x")
+    except OSError:
+        return False
+    (path / ".probe").unlink()
+    return True
+
+
+@contextlib.contextmanager
+def unwritable(path: Path):
+    """``path`` (a directory, created) made unwritable for this process for the ``with`` block:
+    mode 0555, and for root (who ignores modes) the immutable attribute (``chattr +i``). Skips the
+    test where neither works (then the refusal cannot be provoked here)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o555)
+    immutable = False
+    if _can_write(path):
+        immutable = subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    try:
+        if _can_write(path):
+            pytest.skip(f"cannot make {path} unwritable here (root without chattr +i)")
+        yield path
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        os.chmod(path, 0o755)

@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-from mythos.cli_common import add_run_arguments, fail, out_file, parse_float_list, parse_int_list, parse_loops
+from mythos.cli_common import (
+    add_run_arguments,
+    check_out_dir,
+    fail,
+    out_file,
+    parse_float_list,
+    parse_int_list,
+    parse_loops,
+)
 from mythos.config import ConfigError
 from mythos.eval.device import ArgumentParser, add_device_args
 from mythos.io import atomic_write_text, sha256_file
@@ -183,9 +191,11 @@ def run_eval(
         if exit_act and run_cfg.model.kind == "rdt" and not run_cfg.model.act.enabled:
             raise ConfigError(f"--exit-act: {run_dir} has no ACT (model.act.enabled=false); use --exit-kl")
     token_bytes = resolve_token_bytes(run_cfg.data, tokenizer, bpb) if lm else None
-    run = load_run(run_dir, checkpoint, device=dev, dtype=dt)
-    is_rdt = run.cfg.model.kind == "rdt"
     out_path = out_file(out, Path(run_dir) / RESULTS.parent, RESULTS.name)
+    # before minutes of evaluation, not after them; created only when the results are written
+    check_out_dir(out_path.parent, "--out" if out else "the results directory (RUN/eval; or pass --out)")
+    run = load_run(run_dir, checkpoint, device=dev, dtype=dt)  # refuses another model's checkpoint
+    is_rdt = run.cfg.model.kind == "rdt"
     results: dict[str, Any] = {}
     if out_path.is_file():
         old = json.loads(out_path.read_text())

@@ -22,6 +22,7 @@ Throughput / MFU bookkeeping lives in throughput.py.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,14 @@ from mythos.train.evaluate import TokenBytes, evaluate
 from mythos.train.loop_layout import LoopLayout, h0_noise
 from mythos.train.metrics import MetricsLogger, format_line
 from mythos.train.optim import lr_multiplier, set_lr
-from mythos.train.provenance import run_info, section_hash, write_run_files
+from mythos.train.provenance import (
+    end_segment,
+    read_run_info,
+    run_info,
+    section_hash,
+    with_segments,
+    write_run_files,
+)
 from mythos.train.signals import StopFlag
 from mythos.train.throughput import Throughput, device_peak_flops
 
@@ -128,12 +136,14 @@ class Trainer:
                                        state=(client or {}).get("consumed"))
         self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
         if main:
-            write_run_files(self.run_dir, cfg, self.ds_config, run_info(
+            info = run_info(
                 cfg, world_size=self.info.world_size, zero_stage=self.zero_stage, bf16=use_bf16(cfg, self.cuda),
                 data_hash=self.plan["data_hash"], data_fingerprint=self.fingerprint, params=self.n_params,
                 flops_per_token=self.flops_per_token, total_steps=self.total_steps,
                 tokens_per_step=self.tokens_per_step, resumed_from=self.resumed_from,
-            ))
+            )
+            previous = read_run_info(self.run_dir) if self.resumed_from else None
+            write_run_files(self.run_dir, cfg, self.ds_config, with_segments(info, previous, self.step))
         if t.inject_inf_forward_steps and main:
             install_forward_fault(self.engine.module, t.inject_inf_forward_steps, lambda: self.step + 1)
 
@@ -295,6 +305,8 @@ class Trainer:
             "consumed": self.consumed.state_dict(),
         }
         path = ckpt.save(self.engine, self.ckpt_root, self.step, client, self.cfg.train.keep_last)
+        if self.info.is_main:
+            end_segment(self.run_dir, self.step)
         self.logger.print(f"saved checkpoint {path}")
         return path
 
@@ -366,6 +378,12 @@ class Trainer:
                     self.save()
             return {"step": self.step, "stopped_on_signal": False}
         finally:
+            if self.info.is_main:
+                try:  # bookkeeping must not mask the exception that ends the run, if any
+                    end_segment(self.run_dir, self.step)
+                except OSError as exc:
+                    print(f"warning: could not record the end of this segment in run_info.json: {exc}",
+                          file=sys.stderr)
             self.stop.restore()
             self.logger.close()
             self.loader.close()

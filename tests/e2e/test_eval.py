@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import REPO, ds_env
+from train_utils import REPO, ds_env, unwritable
 
 from mythos.data import Tokenizer, load_manifest
 from mythos.eval.multihop import evaluate_multihop
@@ -97,6 +97,37 @@ def test_eval_cli_errors_are_one_line(tmp_path: Path, short_runs) -> None:
             args, proc.stderr[-2000:])
     if not torch.cuda.is_available():
         assert "use --device cpu" in proc.stderr
+
+
+def test_eval_refuses_a_foreign_checkpoint_and_an_unwritable_results_dir(short_runs, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 24: an RDT export handed to the dense run was evaluated and written into the dense
+    run's eval/ as the dense model; and a read-only run evaluated for minutes before failing to
+    write. Both are one line, exit 2, before any evaluation, and nothing is written."""
+    from mythos.eval.cli import main
+    from mythos.eval.loading import load_run
+    from mythos.export import save_consolidated
+
+    rdt = load_run(short_runs["rdt"])
+    export = save_consolidated(rdt.model, rdt.cfg.model, tmp_path / "rdt-export")
+    dense = tmp_path / "dense"
+    shutil.copytree(short_runs["dense"], dense, ignore=shutil.ignore_patterns("eval"))
+    before = sorted(p.relative_to(dense) for p in dense.rglob("*"))
+    capsys.readouterr()  # the set-up's own progress lines
+    foreign = [["--checkpoint", str(export)], ["--checkpoint", str(short_runs["rdt"] / "checkpoints" / "step0000004")]]
+    for args, want in zip(foreign, ("model.kind: 'rdt' there, 'dense' in the run", "does not match")):
+        assert main(["--run", str(dense), *args, "--max-batches", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: checkpoint ") and err.count("\n") == 1 and want in err, err
+        assert "pass --run the run it came from" in err
+    assert sorted(p.relative_to(dense) for p in dense.rglob("*")) == before  # no eval/ written
+    with unwritable(dense / "eval"):
+        assert main(["--run", str(dense), "--max-batches", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: the results directory (RUN/eval; or pass --out) {dense / 'eval'} is not "
+                              "writable") and err.count("\n") == 1, err
+        assert not (dense / "eval" / "results.json").exists()
+    assert main(["--run", str(dense), "--max-batches", "1", "--quiet"]) == 0  # the run's own checkpoint: fine
 
 
 def _reference_lm(run_dir: Path, loops: list[int], batch_size: int) -> dict[str, float]:

@@ -25,6 +25,7 @@ from train_utils import (
     wait_for_step,
 )
 
+from mythos.compare import load_run, summarize
 from mythos.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -186,6 +187,16 @@ def test_exact_resume_after_sigkill_and_signal(shards: Path, tmp_path: Path) -> 
     assert steps == sorted(set(steps))
     vals = {m["step"]: m["val/loss"] for m in metrics(run_dir) if "val/loss" in m}
     assert vals == {m["step"]: m["val/loss"] for m in metrics(ref_dir) if "val/loss" in m}
+    # provenance keeps every segment (issue 24: wall time after a resume covered the last one only)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    segs = info["segments"]
+    assert [s["start_step"] for s in segs] == [0, int(resumed[0].rsplit(" ", 1)[1]), saved[0]], segs
+    assert segs[0]["end_step"] in (3, 6)  # SIGKILLed: its end is its last checkpoint
+    assert [s["end_step"] for s in segs[1:]] == [saved[0], 20] and all(s["world_size"] == 2 for s in segs)
+    assert info["start_time"] == segs[0]["start_time"] < segs[1]["start_time"] < segs[2]["start_time"]
+    summary = summarize(load_run(run_dir))
+    assert summary["segments"] == 3
+    assert summary["wall_s"] == pytest.approx(sum(s["end_time"] - s["start_time"] for s in segs))
 
 
 def test_gradient_accumulation_is_token_weighted(data_corpus, tmp_path: Path) -> None:

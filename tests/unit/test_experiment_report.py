@@ -150,10 +150,19 @@ def _edit_json(path: Path, **changes: Any) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-@pytest.mark.parametrize("case", ["fingerprint", "seed_data", "consumed", "seed", "count", "plan", "train_hops"])
+@pytest.mark.parametrize("case", ["fingerprint", "seed_data", "consumed", "seed", "count", "plan", "train_hops",
+                                  "budget"])
 def test_refusals_are_one_line(runs: dict[str, Any], case: str, capsys: pytest.CaptureFixture[str]) -> None:
     bad = runs["lm-b"][1]
-    if case == "fingerprint":  # a different fingerprint in one seed of the dense arm
+    if case == "budget":  # no plan, and one dense seed trained 3/4 of the tokens
+        rows = [json.loads(ln) for ln in (bad / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            if "train/tokens" in r:
+                r["train/tokens"] *= 0.75
+                r["train/flops"] *= 0.75
+        (bad / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        want = [str(runs["lm-a"][1]), str(bad), "unmatched budgets: 100,000 vs 75,000 tokens", "--plan"]
+    elif case == "fingerprint":  # a different fingerprint in one seed of the dense arm
         _edit_json(bad / "run_info.json", data_fingerprint="0" * 64)
         want = ["data fingerprints differ", str(runs["lm-a"][1]), str(bad)]
     elif case == "seed_data":  # both arms' second seed agree with each other, not with the first seed
@@ -182,7 +191,10 @@ def test_refusals_are_one_line(runs: dict[str, Any], case: str, capsys: pytest.C
         obj["multihop"]["train_hops"] = [1, 2, 3, 4, 5]
         res.write_text(json.dumps(obj))
         want = ["trained on hops [1, 2, 3, 4, 5], not 1..4"]
-    assert main(_argv(runs)) == 2
+    argv = _argv(runs)
+    if case == "budget":
+        argv = [x for i, x in enumerate(argv) if x != "--plan" and argv[i - 1] != "--plan"]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     for w in want:
