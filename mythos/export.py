@@ -1,4 +1,4 @@
-"""Checkpoint export: consolidated fp32 safetensors for any model, Hugging Face Llama for dense.
+"""Checkpoint export: consolidated fp32 safetensors or a Hugging Face directory, for any model.
 
 - :func:`save_consolidated` / :func:`load_consolidated`: ``model.safetensors`` (fp32, our own
   parameter names) + ``config.yaml`` (the resolved :class:`ModelConfig`). Works for every model
@@ -11,13 +11,17 @@
   (:mod:`mythos.hf_tokenizer`: encodes exactly like our sentencepiece model) and
   ``generation_config.json``, so ``AutoTokenizer``, ``lm_eval --model hf`` and serving stacks load
   it as it is.
-- CLI: ``python -m mythos.export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf-llama]
-  [--tokenizer PATH]`` (or ``--checkpoint RUN_DIR/checkpoints/TAG`` without ``--run``; the tag is
+- :func:`mythos.hf.export.to_hf` (``--hf``): any model kind (RDT, Parcae-style or Llama-style
+  dense) as a ``MythosForCausalLM`` remote-code directory (``trust_remote_code=True``), with the
+  same Hub files.
+- CLI: ``python -m mythos.export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf-llama |
+  --hf] [--tokenizer PATH]`` (or ``--checkpoint RUN_DIR/checkpoints/TAG`` without ``--run``; the tag is
   resolved like eval's, :func:`mythos.cli_common.resolve_checkpoint`) consolidates a DeepSpeed
   checkpoint (ZeRO 1-3 shards via ``zero_to_fp32``; without ZeRO shards the module weights in
-  ``mp_rank_00_model_states.pt``) and writes one of the two layouts. ``--hf-llama`` takes the
-  tokenizer the run's shards were built with (found and sha256-checked via ``data.shards``'s
-  manifest) unless ``--tokenizer`` names one.
+  ``mp_rank_00_model_states.pt``) and writes one of the three layouts. ``--hf-llama`` / ``--hf``
+  take the tokenizer the run's shards were built with (found and sha256-checked via ``data.shards``'s
+  manifest) unless ``--tokenizer`` names one. Everything that needs no weights (the model
+  options, the tokenizer, a writable ``--out`` that is not a file) is checked before the merge.
 
 DeepSpeed's checkpoint files are pickles: they are read through :mod:`mythos.ds_checkpoint`
 (``weights_only`` loads with a small allow-list; ``--trust-checkpoint`` turns that off -- load only
@@ -30,13 +34,12 @@ complete.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mythos.cli_common import ArgumentParser, fail, resolve_checkpoint
@@ -49,35 +52,24 @@ from mythos.ds_checkpoint import (  # noqa: F401 - re-exported: the export API u
     clean_state_dict,
     consolidate_deepspeed,
 )
-from mythos.hf_tokenizer import token_ids, tokenizer_json, write_hf_tokenizer
-from mythos.io import atomic_write
+from mythos.hf.export import hf_incompatibilities, to_hf
+from mythos.hf.files import (  # noqa: F401 - check_hf_tokenizer, hf_generation_config: re-exported
+    HF_CONFIG_NAME,
+    HF_GENERATION_CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_hf_tokenizer,
+    check_out_dir,
+    hf_generation_config,
+    save_tensors,
+    write_hub_files,
+    write_json,
+    write_text,
+)
 from mythos.model.base import CausalLM
 from mythos.model.build import build_model
 from mythos.model.config import ModelConfig
 
-WEIGHTS_NAME = "model.safetensors"
 CONFIG_YAML = "config.yaml"
-HF_CONFIG_NAME = "config.json"
-HF_GENERATION_CONFIG_NAME = "generation_config.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
-
-
-def _save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:
-    """safetensors refuses tensors that share storage (e.g. views into ZeRO's flat fp32 buffer),
-    so each is cast/copied into its own contiguous CPU tensor."""
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu", dtype)
-        shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
-        out[name] = t.clone() if shared or not t.is_contiguous() else t
-    atomic_write(path, lambda p: save_file(out, str(p), metadata={"format": "pt"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +89,8 @@ def save_consolidated(model_or_state_dict: nn.Module | Mapping[str, Tensor], cfg
         raise ValueError(f"state dict does not match the {cfg.kind} config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     out = Path(out_dir)
-    _save_tensors(out / WEIGHTS_NAME, sd, torch.float32)
-    _write_text(out / CONFIG_YAML, dump_yaml(cfg))
+    save_tensors(out / WEIGHTS_NAME, sd, torch.float32)
+    write_text(out / CONFIG_YAML, dump_yaml(cfg))
     return out
 
 
@@ -196,20 +188,6 @@ def hf_llama_state_dict(state_dict: Mapping[str, Tensor], cfg: ModelConfig) -> d
     return out
 
 
-def check_hf_tokenizer(tok: Tokenizer, cfg: ModelConfig) -> None:
-    """``ValueError`` (one line) unless ``tok`` fits the model and can be written exactly."""
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size "
-                         f"is {cfg.vocab_size} (is it the run's tokenizer?)")
-    tokenizer_json(tok)
-
-
-def hf_generation_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
-    """``generation_config.json``: the tokenizer's ids (BOS = EOS, see :mod:`mythos.hf_tokenizer`)
-    and the trained context length as ``max_length``."""
-    return {**token_ids(tok), "max_length": cfg.max_seq_len}
-
-
 def to_hf_llama(model: CausalLM | None, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
                 cfg: ModelConfig | None = None, state_dict: Mapping[str, Tensor] | None = None,
                 tokenizer: Tokenizer | str | Path | None = None) -> Path:
@@ -237,13 +215,9 @@ def to_hf_llama(model: CausalLM | None, out_dir: str | Path, *, dtype: torch.dty
     out = Path(out_dir)
     # weights, then tokenizer and generation config, config.json last: a directory with a
     # config.json is complete
-    _save_tensors(out / WEIGHTS_NAME, hf_llama_state_dict(sd, cfg), dtype)
-    ids = None
-    if tok is not None:
-        write_hf_tokenizer(tok, out, max_length=cfg.max_seq_len)
-        _write_text(out / HF_GENERATION_CONFIG_NAME, json.dumps(hf_generation_config(cfg, tok), indent=2) + "\n")
-        ids = token_ids(tok)
-    _write_text(out / HF_CONFIG_NAME, json.dumps(hf_llama_config(cfg, dtype, ids), indent=2) + "\n")
+    save_tensors(out / WEIGHTS_NAME, hf_llama_state_dict(sd, cfg), dtype)
+    ids = write_hub_files(tok, cfg, out) if tok is not None else None
+    write_json(out / HF_CONFIG_NAME, hf_llama_config(cfg, dtype, ids))
     return out
 
 
@@ -294,10 +268,10 @@ def _find_run_config(run_dir: Path) -> Path:
 def build_parser() -> ArgumentParser:
     """The ``python -m mythos.export`` / ``mythos-export`` argument parser."""
     parser = ArgumentParser(
-        prog="python -m mythos.export",
-        description="Consolidate a DeepSpeed checkpoint to fp32 safetensors (or a HF Llama directory).\n\n"
-                    "    mythos-export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf-llama]\n"
-                    "    mythos-export --checkpoint RUN_DIR/checkpoints/TAG --out DIR [--hf-llama]",
+        prog="mythos-export",
+        description="Consolidate a DeepSpeed checkpoint to fp32 safetensors, or a Hugging Face directory.\n\n"
+                    "    mythos-export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf | --hf-llama]\n"
+                    "    mythos-export --checkpoint RUN_DIR/checkpoints/TAG --out DIR [--hf | --hf-llama]",
     )
     parser.add_argument("--run", default=None, metavar="DIR",
                         help="training run directory (with --checkpoint latest|TAG; omit it to pass --checkpoint PATH)")
@@ -305,13 +279,17 @@ def build_parser() -> ArgumentParser:
                         help="tag under RUN/checkpoints, 'latest' (the newest complete one; the default with --run) "
                              "or a path RUN_DIR/checkpoints/TAG")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--hf-llama", action="store_true",
-                        help="write a Hugging Face LlamaForCausalLM directory instead (dense Llama-style only)")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--hf", action="store_true",
+                        help="write a Hugging Face directory with its own modeling code (any model kind; load with "
+                             "trust_remote_code=True)")
+    layout.add_argument("--hf-llama", action="store_true",
+                        help="write a Hugging Face LlamaForCausalLM directory (dense Llama-style only)")
     parser.add_argument("--model-config", help="model YAML or run config with a model: section "
                         "(default: RUN_DIR/config.resolved.yaml, then RUN_DIR/config.yaml)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weight dtype for --hf-llama (consolidated output is always fp32)")
-    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model (or its directory) for --hf-llama "
+                        help="weight dtype for --hf / --hf-llama (consolidated output is always fp32)")
+    parser.add_argument("--tokenizer", help="sentencepiece tokenizer.model (or its directory) for --hf / --hf-llama "
                         "(default: the one the run's data.shards were built with)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="unpickle the checkpoint files without restriction (DeepSpeed's engine files are "
@@ -325,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run is None and args.checkpoint is None:
         parser.error("give --run RUN_DIR [--checkpoint latest|TAG] or --checkpoint RUN_DIR/checkpoints/TAG")
     try:
+        check_out_dir(args.out)  # first: a bad --out is one line before anything is read
         if args.run is not None and not Path(args.run).is_dir():
             raise FileNotFoundError(f"--run {args.run} is not a directory (a training run directory)")
         # the shared rule (eval, lm-eval adapter): latest | TAG under RUN/checkpoints | a path; a
@@ -337,19 +316,25 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run) if args.run is not None else ckpt.parent.parent  # RUN_DIR/checkpoints/TAG
         cfg = model_config_from_file(args.model_config or _find_run_config(run_dir))
         tok = None
-        if args.hf_llama:  # every check that needs no weights before the slow merge
-            if bad := llama_incompatibilities(cfg):
-                raise ValueError(f"cannot export to HF Llama: {', '.join(bad)}")
+        if args.hf_llama or args.hf:  # every check that needs no weights before the slow merge
+            if args.hf_llama and (bad := llama_incompatibilities(cfg)):
+                raise ValueError(f"cannot export to HF Llama: {', '.join(bad)} (--hf exports any model kind)")
+            if args.hf and (bad := hf_incompatibilities(cfg)):
+                raise ValueError(f"cannot export with --hf: {', '.join(bad)}")
             tok = Tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(_find_run_config(run_dir))
             check_hf_tokenizer(tok, cfg)
         sd = consolidate_deepspeed(ckpt, trust=args.trust_checkpoint)
+        dtype = getattr(torch, args.dtype)
         if args.hf_llama:
-            to_hf_llama(None, args.out, dtype=getattr(torch, args.dtype), cfg=cfg, state_dict=sd, tokenizer=tok)
+            to_hf_llama(None, args.out, dtype=dtype, cfg=cfg, state_dict=sd, tokenizer=tok)
+        elif args.hf:
+            to_hf(None, args.out, dtype=dtype, cfg=cfg, state_dict=sd, tokenizer=tok)
         else:
             save_consolidated(sd, cfg, args.out)
     except (FileNotFoundError, ValueError, ConfigError) as exc:
         return fail(exc)
-    print(f"wrote {'HF Llama' if args.hf_llama else 'consolidated fp32'} model from {ckpt} to {args.out}")
+    layout = "HF Llama" if args.hf_llama else "HF (trust_remote_code)" if args.hf else "consolidated fp32"
+    print(f"wrote {layout} model from {ckpt} to {args.out}")
     return 0
 
 

@@ -287,10 +287,13 @@ _TEXTS = ["Some text here.", "Now is the winter of our discontent made glorious 
 
 
 @pytest.mark.slow
-def test_hf_export_scores_like_our_adapter(short_runs, tmp_path: Path, monkeypatch) -> None:
-    """The CLI turns a real dense run's checkpoint into a HF directory (tokenizer found through the
-    run's shard manifest); lm-eval's own ``hf`` model (``LlamaForCausalLM`` + ``AutoTokenizer``)
-    runs a local task on it and its per-request log-likelihoods equal our adapter's on the run."""
+@pytest.mark.parametrize(("kind", "layout"), [("dense", "--hf-llama"), ("rdt", "--hf")])
+def test_hf_export_scores_like_our_adapter(short_runs, tmp_path: Path, monkeypatch, kind: str, layout: str) -> None:
+    """The CLI turns a real run's checkpoint into a HF directory (tokenizer found through the run's
+    shard manifest): the dense run as ``LlamaForCausalLM`` (``--hf-llama``), the RDT run as our
+    remote code (``--hf``, ``trust_remote_code=True``, the run's default loop count). lm-eval's own
+    ``hf`` model (+ ``AutoTokenizer``) runs a local task on it and its per-request
+    log-likelihoods equal our adapter's on the run."""
     lm_eval = pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (dev extra)")
     from lm_eval.api.instance import Instance
@@ -301,13 +304,17 @@ def test_hf_export_scores_like_our_adapter(short_runs, tmp_path: Path, monkeypat
 
     for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")  # nothing may be downloaded
-    run = short_runs["dense"]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # transformers' copy of the remote code
+    run = short_runs[kind]
     ckpt = sorted((run / "checkpoints").glob("step*"))[-1]
     out = tmp_path / "hf"
-    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--hf-llama"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == HF_FILES
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), layout]) == 0
+    remote = layout == "--hf"
+    code = ["configuration_mythos.py", "modeling_mythos.py"] if remote else []
+    assert sorted(p.name for p in out.iterdir()) == sorted(HF_FILES + code)
+    assert json.loads((out / "config.json").read_text())["model_type"] == ("mythos" if remote else "llama")
 
-    hf = HFLM(pretrained=str(out), device="cpu", dtype="float32", batch_size=3)
+    hf = HFLM(pretrained=str(out), device="cpu", dtype="float32", batch_size=3, trust_remote_code=remote)
     ours = MythosLM(run=str(run), checkpoint=ckpt.name, device="cpu", dtype="float32", batch_size=3, quiet=True)
     assert hf.prefix_token_id == ours.prefix_token_id and hf.max_length == ours.max_length
 
@@ -327,7 +334,8 @@ def test_hf_export_scores_like_our_adapter(short_runs, tmp_path: Path, monkeypat
             {"context": "My lord, I", "choices": [" will", " xylophone"], "label": 0}]
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "export_mc.yaml").write_text(_MC_TASK.format(data=tmp_path))
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},device=cpu,dtype=float32,batch_size=2",
+    model_args = f"pretrained={out},device=cpu,dtype=float32,batch_size=2" + (",trust_remote_code=True" * remote)
+    res = lm_eval.simple_evaluate(model="hf", model_args=model_args,
                                   tasks=["export_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
                                   log_samples=True)
     samples = sorted(res["samples"]["export_mc"], key=lambda s: s["doc_id"])

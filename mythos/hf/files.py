@@ -1,0 +1,96 @@
+"""What every export layout writes: file names, atomic writers, the Hub files (tokenizer and
+``generation_config.json``) and the output-directory check. Used by :mod:`mythos.export`
+(consolidated, ``--hf-llama``) and :mod:`mythos.hf.export` (``--hf``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mythos.data.tokenizer import Tokenizer
+from mythos.hf_tokenizer import token_ids, tokenizer_json, write_hf_tokenizer
+from mythos.io import atomic_write
+from mythos.model.config import ModelConfig
+
+WEIGHTS_NAME = "model.safetensors"
+HF_CONFIG_NAME = "config.json"
+HF_GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+    """``tensors`` cast to ``dtype`` as safetensors at ``path`` (atomic, mode like its siblings).
+
+    safetensors refuses tensors that share storage (e.g. views into ZeRO's flat fp32 buffer), so
+    each is cast/copied into its own contiguous CPU tensor."""
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu", dtype)
+        shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        out[name] = t.clone() if shared or not t.is_contiguous() else t
+
+    def write(p: Path) -> None:
+        # atomic_write gave the temp file the usual mode; save_file replaces it with its own 0600
+        # file, so the mode is put back (the exported directory is meant to be shared)
+        mode = p.stat().st_mode & 0o777
+        save_file(out, str(p), metadata={"format": "pt"})
+        os.chmod(p, mode)
+
+    atomic_write(path, write)
+
+
+def check_hf_tokenizer(tok: Tokenizer, cfg: ModelConfig) -> None:
+    """``ValueError`` (one line) unless ``tok`` fits the model and can be written exactly."""
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size "
+                         f"is {cfg.vocab_size} (is it the run's tokenizer?)")
+    tokenizer_json(tok)
+
+
+def hf_generation_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
+    """``generation_config.json``: the tokenizer's ids (BOS = EOS, see :mod:`mythos.hf_tokenizer`)
+    and the trained context length as ``max_length``."""
+    return {**token_ids(tok), "max_length": cfg.max_seq_len}
+
+
+def write_hub_files(tok: Tokenizer, cfg: ModelConfig, out: Path) -> dict[str, int]:
+    """The tokenizer files and ``generation_config.json``; returns the token ids for ``config.json``."""
+    write_hf_tokenizer(tok, out, max_length=cfg.max_seq_len)
+    write_json(out / HF_GENERATION_CONFIG_NAME, hf_generation_config(cfg, tok))
+    return token_ids(tok)
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """``ValueError`` (one line) unless ``out`` can become the output directory: not a file, not
+    under a file, and its nearest existing directory writable (a probe file is created and
+    removed there; nothing else is created, so a refused export leaves no directory behind)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file: give a directory (created if missing)")
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ValueError(f"--out {path} lies under the file {probe_dir}: give a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot write in {probe_dir} ({exc.strerror or exc}); "
+                         "choose a directory you can write to") from None
+    return path
