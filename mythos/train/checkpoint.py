@@ -198,6 +198,21 @@ def _gather_file_records(tag_dir: Path) -> dict[str, dict[str, Any]]:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def check_identity(recorded: dict[str, Any], path: Path, *, model_hash: str, data_fingerprint: str | None,
+                   require: bool = True) -> None:
+    """Refuse to resume ``path`` with another model or data order: ``recorded`` is the checkpoint's
+    client state (the launch, after loading) or its ``COMPLETE`` marker (the dry run, and the
+    launch before any process group: the same keys, readable without unpickling).
+    ``data_fingerprint=None`` checks the model only; ``require=False`` skips a key ``recorded``
+    lacks (markers of older checkpoints)."""
+    for key, now in (("model_hash", model_hash), ("data_fingerprint", data_fingerprint)):
+        if now is not None and (require or key in recorded) and recorded.get(key) != now:
+            raise ConfigError(
+                f"checkpoint {path} was written with a different {key.replace('_', ' ')} "
+                f"({recorded.get(key)} vs {now}); resume with the original config, or use a new run_dir"
+            )
+
+
 def read_marker(tag_dir: Path) -> dict[str, Any] | None:
     """The ``COMPLETE`` JSON, or None when it cannot be read or parsed."""
     try:

@@ -7,6 +7,7 @@ neither the data loader nor the DeepSpeed config builder, which itself reads ``R
 
 from __future__ import annotations
 
+from mythos.cli_common import check_out_dir
 from mythos.config import ConfigError
 from mythos.data import resolve_data
 from mythos.data.order import check_batch_geometry
@@ -20,6 +21,8 @@ def check_run(cfg: RunConfig, world_size: int) -> dict:
     Raises :class:`ConfigError` with one line naming the key."""
     t = cfg.train
     check_wandb(cfg.log.wandb)  # enabled but not installed: one line now, not a crash on rank 0 later
+    # a run dir that is a file or read-only fails here, not as tracebacks from every rank's first write
+    check_out_dir(cfg.run_dir, "run_dir")
     check_batch_geometry(t.global_batch_size, t.micro_batch_size, world_size)
     data = resolve_data(cfg.data)  # manifests only; a mixture (data.sources) resolves its quotas here
     manifest, where = data.manifest, data.description

@@ -94,8 +94,10 @@ def check_data(cfg: RunConfig) -> str:
             f"seq_len {data.manifest.seq_len}, vocab {data.manifest.vocab_size}; {how} ok")
 
 
-def check_resume(cfg: RunConfig, world: int) -> str:
-    """The resume point a start on ``world`` ranks would take (fresh / resume / convert)."""
+def check_resume(cfg: RunConfig, world: int, data_ok: bool = True) -> str:
+    """The resume point a start on ``world`` ranks would take (fresh / resume / convert), and the
+    launch's identity check of it: the same model, and (``data_ok``: the shards checked out) the
+    same data fingerprint."""
     from pathlib import Path
 
     from mythos.train import reshard
@@ -106,10 +108,26 @@ def check_resume(cfg: RunConfig, world: int) -> str:
         rp = reshard.plan_resume(root, t.resume, world, t.global_batch_size, t.micro_batch_size)
     if rp is None:
         return f"fresh start (no checkpoint under {root})" if t.resume != "none" else "fresh start (train.resume=none)"
+    # the identity the launch checks after loading it (same function), from the COMPLETE marker
+    from mythos.data import build_train_loader
+    from mythos.train import checkpoint as ckpt
+    from mythos.train.provenance import section_hash
+
+    fingerprint = None
+    if data_ok:  # the data check verified the shards already: no second sha256 pass
+        loader = build_train_loader(dataclasses.replace(cfg.data, verify="none"), t.global_batch_size,
+                                    t.micro_batch_size, 0, world)
+        try:
+            fingerprint = loader.fingerprint()
+        finally:
+            loader.close()
+    ckpt.check_identity(ckpt.read_marker(rp.path) or {}, rp.path, model_hash=section_hash(cfg.model),
+                        data_fingerprint=fingerprint, require=False)
+    same = "same model and data" if fingerprint else "same model (data unchecked: see the data check)"
     if rp.universal:
         return (f"resume from {rp.path.name}: written by {rp.saved_world_size} ranks, would convert it to the "
-                f"universal format for {world} ranks ({rp.path / reshard.UNIVERSAL})")
-    return f"resume from {rp.path.name} ({rp.path}, written by {rp.saved_world_size} ranks)"
+                f"universal format for {world} ranks ({rp.path / reshard.UNIVERSAL}); {same}")
+    return f"resume from {rp.path.name} ({rp.path}, written by {rp.saved_world_size} ranks); {same}"
 
 
 def check_wandb_section(cfg: RunConfig) -> str:
@@ -216,7 +234,7 @@ def dry_run(config: str, overrides: Sequence[str], *, gpus: int | None = None, p
             _run("fit", fits, verdicts)
         else:
             _skip("fit", "needs the data", verdicts)
-        _run("resume", lambda: check_resume(cfg, world), verdicts)
+        _run("resume", lambda: check_resume(cfg, world, data_ok), verdicts)
 
         print("== plan", file=out)
         seq_len = fit.get("seq_len") or cfg.model.max_seq_len

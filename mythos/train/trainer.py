@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mythos import dist
-from mythos.config import ConfigError, to_dict
+from mythos.config import to_dict
 from mythos.data import IGNORE_INDEX, build_train_loader, build_val_loader
 from mythos.data.order import Position
 from mythos.model import build_model
@@ -79,6 +79,9 @@ class Trainer:
         self.resume_plan = reshard.plan_resume(self.ckpt_root, t.resume, info.world_size,
                                                t.global_batch_size, t.micro_batch_size)
         self.plan = check_run(cfg, info.world_size)
+        if self.resume_plan is not None:  # another model: refused before converting or loading anything
+            ckpt.check_identity(ckpt.read_marker(self.resume_plan.path) or {}, self.resume_plan.path,
+                                model_hash=section_hash(cfg.model), data_fingerprint=None, require=False)
         reshard.ensure_universal(self.resume_plan, info.rank, t.dist_timeout_s)
 
         # group: process group, model, engine
@@ -160,12 +163,7 @@ class Trainer:
         # training draws from the global RNG (RDT: T and h0 come from (seed, step, position))
         client = ckpt.load(self.engine, path, universal=plan.universal,
                            restore_rng=plan.saved_world_size == plan.world_size)
-        for key, now in (("model_hash", section_hash(self.cfg.model)), ("data_fingerprint", self.fingerprint)):
-            if client.get(key) != now:
-                raise ConfigError(
-                    f"checkpoint {path} was written with a different {key.replace('_', ' ')} "
-                    f"({client.get(key)} vs {now}); resume with the original config, or use a new run_dir"
-                )
+        ckpt.check_identity(client, path, model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
         self.loader.load_state_dict(client["data"])
         self.step = int(client["step"])
         self.tokens_seen = int(client["tokens_seen"])

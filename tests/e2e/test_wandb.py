@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, TINY, metrics, run_training
+from train_utils import REPO, TINY, ds_env, metrics, run_training
 
 from mythos.train.dryrun import dry_run
 from mythos.train.wandb_log import run_id
@@ -86,6 +88,19 @@ def test_offline_run_logs_rank0_scalars_and_resumes_the_same_run(data_corpus, tm
     assert dry_run(DENSE, args, gpus=1) == 0
     assert "written by 2 ranks, would convert it to the universal format for 1 ranks" in capsys.readouterr().out
     assert not (run / "checkpoints" / "step0000003" / "universal").exists()  # a dry run converts nothing
+    # issue 24: the dry run said "ok resume" where the launch refuses another model or data order
+    capsys.readouterr()
+    for change, what in (("model.mlp_hidden=192", "model hash"), ("data.seed=7", "data fingerprint")):
+        assert dry_run(DENSE, [*args, change], gpus=2) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: resume: checkpoint {run / 'checkpoints' / 'step0000003'} was written with a "
+                              f"different {what}") and err.count("\n") == 1, err
+        if what == "model hash":  # the launch refuses it with the same line, before converting anything
+            proc = subprocess.run([sys.executable, "-m", "mythos.train", "--config", DENSE, *args, change],
+                                  cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=120)
+            want = "error: " + err.strip().removeprefix("error: resume: ")
+            assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [want], proc.stderr[-2000:]
+            assert not (run / "checkpoints" / "step0000003" / "universal").exists()
 
     # resume: a second launch continues the same W&B run id with the new steps
     run_training(DENSE, run, data_corpus.shards_dir, [*COMMON, "train.max_steps=5"])

@@ -4,6 +4,7 @@ exit 0 when all pass, 2 with the failing check's one line; nothing is started or
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_utils import REPO, TINY
+from train_utils import REPO, TINY, unwritable
 
 from mythos.train.dryrun import dry_run
 
@@ -35,7 +36,8 @@ def test_all_checks_pass_prints_everything_and_starts_nothing(data_corpus, tmp_p
     assert not run.exists()  # no run dir, no process group, nothing written
 
 
-@pytest.mark.parametrize("case", ["geometry", "vocab", "corrupt_shard", "wandb_missing", "bad_key"])
+@pytest.mark.parametrize("case", ["geometry", "vocab", "corrupt_shard", "wandb_missing", "bad_key", "run_dir_file",
+                                  "run_dir_read_only"])
 def test_a_failing_check_is_exit_2_with_its_line(case: str, data_corpus, tmp_path: Path, capsys,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     shards, extra, gpus = data_corpus.shards_dir, [], 2
@@ -54,7 +56,16 @@ def test_a_failing_check_is_exit_2_with_its_line(case: str, data_corpus, tmp_pat
         extra = ["log.wandb.mode=offline"]
     elif case == "bad_key":
         extra = ["train.max_stpes=3"]
-    code = dry_run(DENSE, _args(tmp_path / "run", shards, *extra), gpus=gpus)
+    run = tmp_path / "run"
+    if case == "run_dir_file":
+        run.write_text("not a directory")
+    with unwritable(tmp_path / "ro") if case == "run_dir_read_only" else contextlib.nullcontext():
+        if case == "run_dir_read_only":
+            run = tmp_path / "ro" / "run"
+        code = dry_run(DENSE, _args(run, shards, *extra), gpus=gpus)
+        if case.startswith("run_dir"):  # the launch's start-up refuses it the same way, before a process group
+            launch = subprocess.run([sys.executable, "-m", "mythos.train", "--config", DENSE, *_args(run, shards)],
+                                    cwd=REPO, capture_output=True, text=True, timeout=120)
     cap = capsys.readouterr()
     assert code == 2
     err = cap.err.strip().splitlines()
@@ -66,8 +77,12 @@ def test_a_failing_check_is_exit_2_with_its_line(case: str, data_corpus, tmp_pat
         "wandb_missing": ("error: wandb: log.wandb.mode=offline needs the wandb package: pip install wandb",
                           "FAIL wandb"),
         "bad_key": ("error: config: ", "FAIL config"),
+        "run_dir_file": (f"error: fit: run_dir {run} is a file, not a directory", "FAIL fit"),
+        "run_dir_read_only": (f"error: fit: run_dir {run} is not writable", "FAIL fit"),
     }[case]
     assert err[0].startswith(expect[0]) and expect[1] in cap.out, (err, cap.out)
+    if case.startswith("run_dir"):
+        assert launch.returncode == 2 and launch.stderr.splitlines() == [err[0].replace("fit: ", "", 1)], launch.stderr
 
 
 def test_cli_dry_run_through_the_launch_wrapper(data_corpus, tmp_path: Path) -> None:
