@@ -43,6 +43,7 @@ token/FLOP counters and the data fingerprint; the loop counts of the RDT are a f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -280,6 +281,36 @@ def find_resume(ckpt_root: Path, resume: str) -> Path | None:
     return path
 
 
+class StorageFullError(ConfigError):
+    """The checkpoint filesystem is full (or over quota): an environment problem the operator fixes,
+    reported as one line (a :class:`ConfigError`, like bad data), never as a serializer traceback."""
+
+
+#: Free bytes under which a failed save is blamed on the disk. torch's writer reports a full disk
+#: as "enforce fail at inline_container.cc" / "basic_ios::clear", without the errno.
+FULL_BELOW_BYTES = 64 << 20
+
+
+def out_of_space(exc: BaseException, where: Path) -> bool:
+    """Whether ``exc`` (raised while writing under ``where``) is a full disk or an exceeded quota:
+    ENOSPC/EDQUOT anywhere in its chain, or less than :data:`FULL_BELOW_BYTES` (or 2% of a small
+    filesystem) left on ``where``."""
+    seen: BaseException | None = exc
+    for _ in range(32):  # a chain, bounded (causes can form a cycle)
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError:
+        return False
+    return usage.free < min(FULL_BELOW_BYTES, usage.total // 50)  # 2%: small disks (and tests) too
+
+
 def save(engine: Any, ckpt_root: Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     """Save on ALL ranks (DeepSpeed requires it), then mark complete, then prune. Returns the tag dir."""
     tag = tag_for(step)
@@ -291,9 +322,22 @@ def save(engine: Any, ckpt_root: Path, step: int, client_state: dict[str, Any], 
     if dist.env_info().is_main and tag_dir.exists() and not is_complete(tag_dir):
         shutil.rmtree(tag_dir)  # leftovers of a crashed save of this very step
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=True)
     rank = dist.env_info().rank
-    atomic_torch_save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=True)
+        atomic_torch_save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    except Exception as exc:
+        if not out_of_space(exc, ckpt_root):
+            raise
+        # a partial tag is never a checkpoint (no COMPLETE), but on a full disk its bytes matter now
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        kept = ", ".join(d.name for _, d in list_tags(ckpt_root)) or "none"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StorageFullError(
+            f"no space left on {ckpt_root} while saving {tag} ({first}); removed the partial {tag}, kept the "
+            f"complete checkpoints ({kept}); free space (or lower train.keep_last) and start again: "
+            f"train.resume=auto continues from the newest"
+        ) from exc
     dist.barrier()  # every rank's files are on disk
     files = _gather_file_records(tag_dir)  # a collective: every rank hashes what it wrote
     if dist.env_info().is_main:

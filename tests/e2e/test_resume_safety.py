@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,56 @@ def _save(root: Path, *steps: int, keep_last: int = 5) -> None:
 
 def _plan(root: Path, resume: str = "auto", verify: str = "sha256") -> reshard.ResumePlan | None:
     return reshard.plan_resume(root, resume, 1, 8, 2, verify=verify)
+
+
+class TorchSavingEngine(FakeEngine):
+    """Writes its model file with torch's real serializer (which reports a full disk without errno)."""
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        d = Path(root) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.zeros(64 << 10)}, d / "mp_rank_00_model_states.pt")  # 256 KiB
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 1 MiB tmpfs (a real full disk, not a mock); skips where mounting is not allowed."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_disk_full_during_a_save_is_one_line_cleans_the_partial_tag_keeps_the_rest(tiny_disk: Path) -> None:
+    """Issue 24: a full disk ended in ``enforce fail at inline_container.cc`` and left a partial tag."""
+    root = tiny_disk / "checkpoints"
+    ckpt.save(TorchSavingEngine(), root, 3, {"model_hash": "m", "data_fingerprint": "d"}, keep_last=5)
+    assert [s for s, _ in ckpt.list_tags(root)] == [3]
+    free = shutil.disk_usage(tiny_disk).free
+    (tiny_disk / "filler").write_bytes(b"x" * (free - 100_000))  # room for less than one more checkpoint
+    with pytest.raises(ckpt.StorageFullError) as err:
+        ckpt.save(TorchSavingEngine(), root, 6, {"model_hash": "m", "data_fingerprint": "d"}, keep_last=5)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"no space left on {root} while saving step0000006 ("), msg
+    assert "removed the partial step0000006, kept the complete checkpoints (step0000003)" in msg
+    assert isinstance(err.value, ConfigError)  # the entry point prints it as one line, no traceback
+    assert not (root / "step0000006").exists()
+    assert ckpt.verify(root / "step0000003") is None  # the older checkpoint is whole
+    # another failure on a disk with room is not blamed on space
+    (tiny_disk / "filler").unlink()
+
+    class Broken(FakeEngine):
+        def save_checkpoint(self, *a, **k) -> None:
+            raise RuntimeError("something else")
+
+    with pytest.raises(RuntimeError, match="something else"):
+        ckpt.save(Broken(), root, 9, {}, keep_last=5)
 
 
 # ------------------------------------------------------------------ fast: verification logic
