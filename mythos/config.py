@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -80,7 +81,8 @@ def resolve_config_path(ref: str | Path, base_dir: Path | None = None, kind: str
     for c in candidates:
         if c.is_file():
             return c.resolve()
-    raise ConfigError(f"config not found: '{ref}' (tried {', '.join(str(c) for c in candidates)})")
+    tried = list(dict.fromkeys(str(c) for c in candidates))  # the cwd is often the repo root: once each
+    raise ConfigError(f"config not found: '{ref}' (tried {', '.join(tried)})")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -251,14 +253,46 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str | Path | Non
     return _build(cls, dict(data), "", src, base_dir)
 
 
+def check_override_key(cls: type, item: str) -> None:
+    """Refuse an override whose key is not a field of ``cls`` (descending through nested
+    dataclasses; a mapping-typed field takes any sub-key), naming the override itself: a typo on
+    the command line is not the YAML file's fault."""
+    keys, _ = parse_override(item)
+    tp: Any = cls
+    for depth, k in enumerate(keys):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return  # a dict / Any field: free-form below here
+        fields = {f.name for f in dataclasses.fields(tp) if f.init}
+        if k not in fields:
+            where = ".".join(keys[: depth + 1])
+            section = f" of {'.'.join(keys[:depth])}" if depth else ""
+            raise ConfigError(f"unknown config key '{where}' in the command-line override '{item.removeprefix('--')}'; "
+                              f"valid keys{section}: {', '.join(sorted(fields))}")
+        hint = typing.get_type_hints(tp)[k]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        tp = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
 def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = (), kind: str | None = None) -> T:
     """Load ``path`` (a YAML file or preset name under ``configs/<kind>/``) into ``cls``,
-    applying dotted ``overrides`` first."""
+    applying dotted ``overrides`` first. An error in an override's key or value names the
+    override, not the file."""
     p = resolve_config_path(path, kind=kind)
+    for item in overrides:
+        check_override_key(cls, item)
     raw = apply_overrides(load_yaml(p), overrides)
     if INCLUDE_KEY in raw:
         raw, _, _ = _expand_include(raw, "", p.parent)
-    return from_dict(cls, raw, source=p)
+    try:
+        return from_dict(cls, raw, source=p)
+    except ConfigError as exc:
+        msg = str(exc)
+        for item in reversed(overrides):  # the last override of a key is the one that counts
+            key = item.removeprefix("--").partition("=")[0].strip()
+            if f"config key '{key}'" in msg or f"config key '{key}[" in msg:
+                here = f" (from the command-line override '{item.removeprefix('--')}')"
+                raise ConfigError(re.sub(r" \((?:in|from) [^)]*\)", here.replace("\\", r"\\"), msg, count=1)) from None
+        raise
 
 
 def to_dict(obj: Any) -> Any:

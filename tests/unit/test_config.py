@@ -66,9 +66,35 @@ def test_includes_and_overrides_on_top(tmp_path: Path) -> None:
         load_config(Outer, tmp_path / "bad.yaml")
 
 
-def test_file_errors_are_one_line(tmp_path: Path) -> None:
+def test_command_line_errors_name_the_override_not_the_file(tmp_path: Path) -> None:
+    """Issue 24: a typo on the command line was reported as "(in run.yaml)"."""
+    (tmp_path / "inner.yaml").write_text("lr: 0.5\n")
+    (tmp_path / "run.yaml").write_text("name: r\ninner: inner.yaml\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(Outer, tmp_path / "run.yaml", ["inner.lrr=1"])
+    assert str(exc.value).startswith("unknown config key 'inner.lrr' in the command-line override 'inner.lrr=1'; "
+                                     "valid keys of inner: lr, mode, steps, tags"), exc.value
+    with pytest.raises(ConfigError, match=r"unknown config key 'nmae' in the command-line override 'nmae=x'"):
+        load_config(Outer, tmp_path / "run.yaml", ["--nmae=x"])
+    for item, key in (("inner.steps=ten", "inner.steps"), ("--flag=1", "flag"), ("inner.tags=[a, [b]]", "inner.tags")):
+        with pytest.raises(ConfigError) as exc:  # a value error in an included section, and in the file's own
+            load_config(Outer, tmp_path / "run.yaml", [item])
+        msg = str(exc.value)
+        assert f"config key '{key}" in msg and f"(from the command-line override '{item.removeprefix('--')}')" in msg
+        assert "run.yaml" not in msg and "inner.yaml" not in msg, msg
+    (tmp_path / "typo.yaml").write_text("name: r\nlimt: 3\n")  # the file's own mistake still names the file
+    with pytest.raises(ConfigError, match=r"unknown config key 'limt' \(in .*typo.yaml\)"):
+        load_config(Outer, tmp_path / "typo.yaml", ["inner.steps=2"])
+
+
+def test_file_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="config not found: 'nope.yaml'"):
         load_config(Outer, "nope.yaml")
+    monkeypatch.chdir(mythos.config.REPO_ROOT)  # the cwd is the repo root: each path is still tried once
+    with pytest.raises(ConfigError) as exc:
+        load_config(Outer, "nope.yaml", kind="run")
+    tried = str(exc.value).split("(tried ")[1].rstrip(")").split(", ")
+    assert len(tried) == len(set(tried)) == 2, tried
     (tmp_path / "broken.yaml").write_text("a: [1,\n")
     with pytest.raises(ConfigError) as exc:
         load_config(Outer, tmp_path / "broken.yaml")
