@@ -32,6 +32,11 @@ changed by less than ``early_exit_kl`` (KL) between iterations; the skipped iter
 then get this step's keys/values of the last computed one, so later tokens attend at every depth.
 Without a cache every forward runs all ``num_loops`` iterations.
 
+**Padding** (which mythos never sees): an ``attention_mask`` with zeros masks those keys (every
+query may also see itself, so a padding query is never fully masked and nothing is NaN): a
+left-padded batch generates what each prompt generates alone (tested). Without zeros in the
+mask, attention takes mythos' own path.
+
 Training-time parts of mythos (sampled per-sequence loop counts, truncated backprop, noise
 ``h_0``) are not part of this file: ``forward`` with ``labels`` runs ``num_loops`` iterations
 with full backprop from ``h_0 = 0`` and returns the usual shifted causal-LM loss.
