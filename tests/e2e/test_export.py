@@ -304,7 +304,6 @@ def test_hf_export_scores_like_our_adapter(short_runs, tmp_path: Path, monkeypat
 
     for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")  # nothing may be downloaded
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # transformers' copy of the remote code
     run = short_runs[kind]
     ckpt = sorted((run / "checkpoints").glob("step*"))[-1]
     out = tmp_path / "hf"
