@@ -235,7 +235,7 @@ def build_parser() -> ArgumentParser:
     """The ``python -m data_prep.merge`` argument parser."""
     p = ArgumentParser(prog="python -m data_prep.merge", description=__doc__.split("\n")[0])
     p.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
-                   help="the --out directory of the partitioned data_prep.shard runs")
+                   help="the --out directory of the partitioned data_prep.shard runs (required)")
     p.add_argument("out", nargs="?", default=None, help=argparse.SUPPRESS)  # the older positional spelling
     p.add_argument(
         "--verify",

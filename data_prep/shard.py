@@ -58,7 +58,7 @@ __all__ = ["ShardParams", "build_parser", "build_shards", "cli", "main"]
 
 def build_parser() -> ArgumentParser:
     """The ``mythos-prep`` / ``python -m data_prep.shard`` argument parser."""
-    p = ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mythos-prep", description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
     p.add_argument("--input", nargs="+", required=True, help="text/jsonl (.gz/.zst) or parquet files, or directories")
     p.add_argument("--out", required=True, help="output directory for shards + manifest.json")

@@ -130,7 +130,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, params: T
 
 def build_parser() -> ArgumentParser:
     """The ``mythos-tokenizer`` / ``python -m data_prep.train_tokenizer`` argument parser."""
-    p = ArgumentParser(prog="python -m data_prep.train_tokenizer", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="mythos-tokenizer", description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="text/jsonl(.gz) files or directories")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, special tokens included")
     p.add_argument("--out", required=True, help="output directory (tokenizer.model, card.json)")

@@ -126,9 +126,9 @@ def check_out_dir(out: str | Path, option: str = "--out") -> Path:
     base = path
     while not base.exists() and base != base.parent:
         base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path} lies under the file {base}: give a directory")
     try:
-        if not base.is_dir():
-            raise NotADirectoryError(20, "Not a directory")
         _probe(base)
     except OSError as exc:
         raise ConfigError(f"{option} {path} is not writable ({exc.strerror or exc}): "

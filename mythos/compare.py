@@ -500,8 +500,9 @@ def build_parser() -> ArgumentParser:
     """The ``mythos-compare`` argument parser."""
     ap = ArgumentParser(prog="mythos-compare", description=__doc__)
     req = ap.add_argument_group("required (or the older positional form RUN_A RUN_B)")
-    req.add_argument("--a", default=None, metavar="RUN_DIR", help="run directory of arm A (e.g. the RDT)")
-    req.add_argument("--b", default=None, metavar="RUN_DIR", help="run directory of arm B (e.g. the dense baseline)")
+    req.add_argument("--a", default=None, metavar="RUN_DIR", help="run directory of arm A, e.g. the RDT (required)")
+    req.add_argument("--b", default=None, metavar="RUN_DIR",
+                     help="run directory of arm B, e.g. the dense baseline (required)")
     ap.add_argument("run_a", nargs="?", default=None, help=argparse.SUPPRESS)  # the older positional spelling
     ap.add_argument("run_b", nargs="?", default=None, help=argparse.SUPPRESS)
     req.add_argument("--out", required=True, metavar="DIR", help="report directory (report.md + PNGs)")
@@ -511,7 +512,8 @@ def build_parser() -> ArgumentParser:
                     help="write the report even if the runs trained on neither the same tokens nor the same "
                          "model FLOPs (labelled UNMATCHED BUDGETS)")
     ap.add_argument("--multihop", nargs=2, metavar=("RUN_C", "RUN_D"),
-                    help="a pair of runs trained on a mythos.tasks task: adds the depth-extrapolation section")
+                    help="a pair of runs trained on a mythos.tasks task: adds the depth-extrapolation section "
+                         "(default: none, no such section)")
     return ap
 
 

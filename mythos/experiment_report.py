@@ -267,8 +267,10 @@ def build_parser() -> ArgumentParser:
                     help="arm b (dense) LM runs of the same comparison, same seed order")
     ap.add_argument("--plan", action="append", default=None, metavar="PLAN_JSON",
                     help="plan.json of the comparison (mythos-plan); give one per comparison or none (default: none)")
-    ap.add_argument("--mh-a", nargs="+", default=None, metavar="RUN", help="arm a multi-hop runs, one per seed")
-    ap.add_argument("--mh-b", nargs="+", default=None, metavar="RUN", help="arm b multi-hop runs, same seeds")
+    ap.add_argument("--mh-a", nargs="+", default=None, metavar="RUN",
+                    help="arm a multi-hop runs, one per seed (default: none, no multi-hop section)")
+    ap.add_argument("--mh-b", nargs="+", default=None, metavar="RUN",
+                    help="arm b multi-hop runs, same seeds (default: none)")
     ap.add_argument("--mh-extra", nargs="+", action="append", default=[], metavar="RUN",
                     help="one more dense multi-hop baseline (arms c, d, ...), same seeds; repeat per baseline")
     ap.add_argument("--train-hops", type=int, default=5, metavar="N", help="multi-hop runs trained on hops 1..N")

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from mythos.cli_common import ArgumentParser, fail, resolve_checkpoint
+from mythos.cli_common import ArgumentParser, check_out_dir, fail, resolve_checkpoint
 from mythos.config import ConfigError, dump_yaml, from_dict, load_config, load_yaml, resolve_config_path
 from mythos.data.tokenizer import Tokenizer
 from mythos.ds_checkpoint import (  # noqa: F401 - re-exported: the export API users know
@@ -58,7 +58,6 @@ from mythos.hf.files import (  # noqa: F401 - check_hf_tokenizer, hf_generation_
     HF_GENERATION_CONFIG_NAME,
     WEIGHTS_NAME,
     check_hf_tokenizer,
-    check_out_dir,
     hf_generation_config,
     save_tensors,
     write_hub_files,

@@ -7,8 +7,10 @@ before any data, model or training work, so the whole file takes seconds per too
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +18,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_utils, also under pytest -p no:conftest
+from train_utils import unwritable  # noqa: E402
 
 from mythos.cli_common import (
     ArgumentParser,
@@ -109,6 +114,10 @@ def test_every_option_has_help_and_shows_its_default(name: str, cmd: list[str], 
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
             continue  # --help itself; hidden aliases of older spellings
         assert action.help, f"{name}: {action.option_strings or action.dest} has no help text"
+        if action.option_strings and action.default is None and action.nargs != 0 and not action.required:
+            # unset means something (a path from the manifest, no such section): say what (issue 24)
+            said = any(w in action.help.lower() for w in ("default", "required", "omit"))
+            assert said, f"{name}: {action.option_strings}: say what leaving it unset does: {action.help!r}"
         if action in _defaulted(parser):
             text = formatter._expand_help(action)
             assert "default" in text.lower() or "0 = " in text, f"{name}: {action.option_strings}: {text!r}"
@@ -130,6 +139,77 @@ def test_usage_error_is_one_line(name: str, cmd: list[str], factory: str, bad: l
         _parser_factory(factory)().parse_args(["--no-such-option"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--help" in err, err
+
+
+# ---------------------------------------------------------------------------- issue 24's failure paths
+
+
+def _fake_run(path: Path, steps: int) -> Path:
+    """The least a run directory needs for mythos-compare: run_info.json + metrics.jsonl."""
+    path.mkdir(parents=True)
+    rows = [{"step": s, "time": 100.0 + s, "train/loss": 5.0, "train/tokens": 512 * s, "train/flops": 1e6 * s}
+            for s in range(1, steps + 1)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "run_info.json").write_text(json.dumps({"name": path.name, "kind": "dense", "data_fingerprint": "f" * 64,
+                                                    "data_hash": "d" * 64, "total_steps": steps}))
+    return path
+
+
+NEW_USER_PATHS = ["compare-itself", "compare-budget", "compare-out-file", "plan-out-file", "plan-out-read-only",
+                  "report-out-file", "accounting-batch-0", "accounting-seq-neg", "accounting-empty-loop",
+                  "train-override-typo", "dry-run-run-dir-file", "train-run-dir-file", "export-out-file"]
+
+
+@pytest.mark.parametrize("case", NEW_USER_PATHS)
+def test_new_user_failure_paths_are_one_line(case: str, tmp_path: Path) -> None:
+    """Every failure path of issue 24 that needs no trained run, through the real command: one
+    ``error:`` line naming the culprit, exit 2, no traceback. (Those that need a trained run:
+    test_eval.py::test_eval_refuses_a_foreign_checkpoint_and_an_unwritable_results_dir,
+    test_wandb.py (the dry run on a changed resume), test_resume_safety.py (disk full).)"""
+    a, b = _fake_run(tmp_path / "a", 20), _fake_run(tmp_path / "b", 20)
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    rdt, dense = "configs/run/rdt-tiny-cpu.yaml", "configs/run/dense-tiny-cpu.yaml"
+    ro = contextlib.nullcontext()
+    if case == "compare-itself":
+        cmd, want = ["-m", "mythos.compare", "--a", str(a), "--b", str(tmp_path / "b" / ".." / "a"), "--out",
+                     str(tmp_path / "r")], "compared with itself"
+    elif case == "compare-budget":
+        cmd, want = ["-m", "mythos.compare", "--a", str(a), "--b", str(_fake_run(tmp_path / "c", 30)), "--out",
+                     str(tmp_path / "r")], "unmatched budgets: 10,240 vs 15,360 tokens"
+    elif case == "compare-out-file":
+        cmd, want = ["-m", "mythos.compare", "--a", str(a), "--b", str(b), "--out", str(taken)], "is a file"
+    elif case == "plan-out-file":
+        cmd, want = ["-m", "mythos.plan", "--a", rdt, "--b", dense, "--match", "tokens", "--tokens", "1e5",
+                     "--out", str(taken / "plans")], f"lies under the file {taken}"
+    elif case == "plan-out-read-only":
+        ro = unwritable(tmp_path / "ro")
+        cmd, want = ["-m", "mythos.plan", "--a", rdt, "--b", dense, "--match", "tokens", "--tokens", "1e5",
+                     "--out", str(tmp_path / "ro" / "plans")], "is not writable"
+    elif case == "report-out-file":
+        cmd, want = ["-m", "mythos.experiment_report", "--out", str(taken), "--lm-a", str(a), "--lm-b", str(b)], \
+            "is a file"
+    elif case == "accounting-batch-0":
+        cmd, want = ["-m", "mythos.accounting", rdt, "--global-batch", "0"], "--global-batch"
+    elif case == "accounting-seq-neg":
+        cmd, want = ["-m", "mythos.accounting", rdt, "--seq-len", "-5"], "--seq-len"
+    elif case == "accounting-empty-loop":
+        cmd, want = ["-m", "mythos.accounting", rdt, "--loops", "1,,2"], "--loops"
+    elif case == "train-override-typo":
+        cmd, want = ["-m", "mythos.train", "--config", rdt, "--dry-run", "train.max_stpes=3"], \
+            "in the command-line override 'train.max_stpes=3'"
+    elif case == "dry-run-run-dir-file":
+        cmd, want = ["-m", "mythos.train", "--config", rdt, "--dry-run", "--gpus", "2", f"run_dir={taken}"], \
+            f"error: run dir: run_dir {taken} is a file"
+    elif case == "train-run-dir-file":
+        cmd, want = ["-m", "mythos.train", "--config", rdt, f"run_dir={taken}"], "is a file"
+    else:
+        cmd, want = ["-m", "mythos.export", "--run", str(a), "--out", str(taken)], "is a file"
+    with ro:
+        proc = _run(cmd)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and want in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------- shared helpers

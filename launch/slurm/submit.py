@@ -125,9 +125,12 @@ def build_parser() -> ArgumentParser:
     """The ``launch/slurm/submit.py`` argument parser (checked further by :func:`parse_args`)."""
     p = ArgumentParser(prog="launch/slurm/submit.py", description=__doc__)
     what = p.add_argument_group("what to submit: --config, or the two arms --a and --b")
-    what.add_argument("--config", metavar="CONFIG", help="run config YAML (configs/run/*.yaml) or preset name")
-    what.add_argument("--a", metavar="CONFIG", help="run config of arm A of a matched comparison (with --b)")
-    what.add_argument("--b", metavar="CONFIG", help="run config of arm B of a matched comparison (with --a)")
+    what.add_argument("--config", metavar="CONFIG",
+                      help="run config YAML (configs/run/*.yaml) or preset name (required, unless --a/--b)")
+    what.add_argument("--a", metavar="CONFIG",
+                      help="run config of arm A of a matched comparison (with --b; default: none, one run)")
+    what.add_argument("--b", metavar="CONFIG",
+                      help="run config of arm B of a matched comparison (with --a; default: none, one run)")
     what.add_argument("--pair", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)  # older spelling of --a/--b
     p.add_argument("--nodes", type=int, required=True, help="nodes per job")
     per_node = p.add_mutually_exclusive_group()

@@ -29,6 +29,7 @@ reproduces the CPU numbers exactly); loss sums are fp64 either way. Progress goe
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,7 +113,14 @@ def evaluate_lm(
     dev = torch.device(device) if device is not None else next(run.model.parameters()).device
     n_batches = min(len(val), max_batches) if max_batches else len(val)
     # evaluate() makes one pass per loop count, in eval_loop_counts order: label each pass's progress
-    phases = iter(eval_loop_counts(cfg.model, loops))
+    counts = eval_loop_counts(cfg.model, loops)
+    phases = iter(counts)
+    ints = [t for t in counts if isinstance(t, int)]
+    if not quiet and len(ints) > 1:  # the default sweep is ~99 loop iterations per batch: say so up front
+        cost = sum(ints) / max(ints[0], 1)
+        hint = "; on CPU pass e.g. --loops 1,4 for a quick look" if dev.type == "cpu" and cost > 8 else ""
+        print(f"eval: {len(counts)} passes over {n_batches} batches at T={','.join(map(str, counts))}: "
+              f"{sum(ints)} core iterations per batch ({cost:.0f}x the T={ints[0]} pass){hint}", file=sys.stderr)
 
     def batches() -> Any:
         t = next(phases, None)
@@ -266,12 +274,12 @@ def summary(results: dict[str, Any]) -> str:
 
 def build_parser() -> ArgumentParser:
     """The ``python -m mythos.eval`` / ``mythos-eval`` argument parser."""
-    p = ArgumentParser(prog="python -m mythos.eval", description=__doc__)
+    p = ArgumentParser(prog="mythos-eval", description=__doc__)
     add_run_arguments(p)
     p.add_argument("--loops", metavar="N[,N...]", default=",".join(map(str, DEFAULT_LOOPS)),
                    help="comma-separated RDT loop counts (ignored for dense)")
     p.add_argument("--multihop", default=None, metavar="TASK_DIR",
-                   help="task directory from `python -m mythos.tasks` (test.jsonl)")
+                   help="task directory from `python -m mythos.tasks` (test.jsonl) (default: none, no multi-hop pass)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help=f"results directory, writes {RESULTS.name} there (default: RUN/{RESULTS.parent}); "
                         "a .json path names the file itself")
@@ -287,7 +295,8 @@ def build_parser() -> ArgumentParser:
                    help="most iterations of an adaptive exit (a query not converged by then exits at N)")
     p.add_argument("--no-lm", action="store_true", help="skip the val loss / bpb pass")
     p.add_argument("--tokenizer", default=None,
-                   help="the shards' tokenizer (dir or .model) when the manifest's recorded path no longer finds it")
+                   help="the shards' tokenizer (dir or .model) when the manifest's recorded path no longer finds it "
+                        "(default: the path the manifest records)")
     p.add_argument("--no-bpb", action="store_true", help="skip bits per byte (e.g. the tokenizer is gone)")
     p.add_argument("--batch-size", type=int, default=0, help="val batch size (0 = train.micro_batch_size)")
     p.add_argument("--max-batches", type=int, default=0, help="val batches (0 = the whole split)")

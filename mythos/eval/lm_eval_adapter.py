@@ -230,7 +230,8 @@ def build_parser() -> ArgumentParser:
                    help="comma-separated RDT test-time loop counts, each evaluated in turn (default: the model's "
                         "eval depth)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", default=None, metavar="DIR", help="directory of extra task YAMLs")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="directory of extra task YAMLs (default: none, lm-eval's own tasks only)")
     p.add_argument("--limit", type=float, default=None,
                    help="examples per task (a fraction if < 1; default: all)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")

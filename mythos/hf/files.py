@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -72,25 +71,3 @@ def write_hub_files(tok: Tokenizer, cfg: ModelConfig, out: Path) -> dict[str, in
     write_hf_tokenizer(tok, out, max_length=cfg.max_seq_len)
     write_json(out / HF_GENERATION_CONFIG_NAME, hf_generation_config(cfg, tok))
     return token_ids(tok)
-
-
-def check_out_dir(out: str | Path) -> Path:
-    """``ValueError`` (one line) unless ``out`` can become the output directory: not a file, not
-    under a file, and its nearest existing directory writable (a probe file is created and
-    removed there; nothing else is created, so a refused export leaves no directory behind)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file: give a directory (created if missing)")
-    probe_dir = path
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise ValueError(f"--out {path} lies under the file {probe_dir}: give a directory")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=probe_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ValueError(f"--out {path}: cannot write in {probe_dir} ({exc.strerror or exc}); "
-                         "choose a directory you can write to") from None
-    return path

@@ -31,7 +31,7 @@ from mythos.train.config import load_run_config
 
 def build_parser() -> ArgumentParser:
     """The ``mythos-train`` / ``python -m mythos.train`` argument parser."""
-    p = ArgumentParser(prog="python -m mythos.train", description=__doc__)
+    p = ArgumentParser(prog="mythos-train", description=__doc__)
     p.add_argument("--config", required=True, help="run config YAML (configs/run/*.yaml) or preset name")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     d = p.add_argument_group("--dry-run: check and plan, start nothing")

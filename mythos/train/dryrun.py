@@ -216,6 +216,17 @@ def dry_run(config: str, overrides: Sequence[str], *, gpus: int | None = None, p
                     f"= global batch {cfg.train.global_batch_size}")
 
         _run("world size", geometry, verdicts)
+
+        def run_dir() -> str:  # also inside check_run ("fit"); here so it is judged without the data
+            from pathlib import Path
+
+            from mythos.cli_common import check_out_dir
+
+            check_out_dir(cfg.run_dir, "run_dir")
+            where = Path(cfg.run_dir).resolve()
+            return f"{where} {'exists' if where.is_dir() else 'can be created'} and is writable"
+
+        _run("run dir", run_dir, verdicts)
         data_ok = _run("data", lambda: check_data(cfg), verdicts)
         _run("wandb", lambda: check_wandb_section(cfg), verdicts)
         fit: dict[str, Any] = {}

@@ -335,7 +335,7 @@ class Trainer:
         self.logger.print(
             f"{self.cfg.name}: {self.cfg.model.kind} {self.n_params / 1e6:.2f}M params | world {self.info.world_size}"
             f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {self.tokens_per_step} tokens"
-            f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir}"
+            f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir.resolve()}"
         )
         if self.total_steps <= self.cfg.optim.warmup_steps:  # e.g. a README-style train.max_steps=20 smoke run
             self.logger.print(f"warning: all {self.total_steps} steps are inside the lr warmup "

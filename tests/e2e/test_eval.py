@@ -50,6 +50,9 @@ def test_eval_cli_on_real_run(short_runs, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mythos.eval", "--run", str(run), "--loops", "1,8", "--batch-size",
                            "64"], cwd=REPO, env=ds_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # the cost of a loop sweep is said up front (issue 24: 8+ minutes on CPU without a word)
+    assert "eval: 3 passes over 3 batches at T=1,4,8: 13 core iterations per batch (13x the T=1 pass); on CPU " \
+        "pass e.g. --loops 1,4 for a quick look" in proc.stderr, proc.stderr[-2000:]
     res = json.loads((run / "eval" / "results.json").read_text())
     assert res["checkpoint"] == "step0000004" and res["kind"] == "rdt" and res["step"] == 4
     lm = res["lm"]

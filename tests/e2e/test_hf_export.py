@@ -291,7 +291,7 @@ def test_export_out_refused_before_any_work(tmp_path: Path, capsys: pytest.Captu
         target.mkdir()
         if not _immutable(target):
             pytest.skip("cannot make a directory read-only for root here (no chattr)")
-        out, want = target / "hf", "cannot write in"
+        out, want = target / "hf", "is not writable"
     try:
         for layout in ([], ["--hf-llama"], ["--hf"]):
             assert main(["--checkpoint", str(ckpt), "--out", str(out), *layout]) == 2

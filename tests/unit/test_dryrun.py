@@ -77,12 +77,13 @@ def test_a_failing_check_is_exit_2_with_its_line(case: str, data_corpus, tmp_pat
         "wandb_missing": ("error: wandb: log.wandb.mode=offline needs the wandb package: pip install wandb",
                           "FAIL wandb"),
         "bad_key": ("error: config: ", "FAIL config"),
-        "run_dir_file": (f"error: fit: run_dir {run} is a file, not a directory", "FAIL fit"),
-        "run_dir_read_only": (f"error: fit: run_dir {run} is not writable", "FAIL fit"),
+        "run_dir_file": (f"error: run dir: run_dir {run} is a file, not a directory", "FAIL run dir"),
+        "run_dir_read_only": (f"error: run dir: run_dir {run} is not writable", "FAIL run dir"),
     }[case]
     assert err[0].startswith(expect[0]) and expect[1] in cap.out, (err, cap.out)
     if case.startswith("run_dir"):
-        assert launch.returncode == 2 and launch.stderr.splitlines() == [err[0].replace("fit: ", "", 1)], launch.stderr
+        assert launch.returncode == 2 and launch.stderr.splitlines() == [err[0].replace("run dir: ", "", 1)], \
+            launch.stderr
 
 
 def test_cli_dry_run_through_the_launch_wrapper(data_corpus, tmp_path: Path) -> None:
