@@ -54,7 +54,8 @@ from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
 from mythos.config import ConfigError
 from mythos.io import atomic_write_text
 from mythos.plan import COMPUTE_TOLERANCE
-from mythos.train.audit import read_consumed
+from mythos.train.audit import read_consumed_rows
+from mythos.train.spikes import ROLLBACKS, read_rollbacks
 
 COLORS = ("tab:blue", "tab:orange")
 
@@ -154,18 +155,34 @@ def data_check(a: Run, b: Run) -> tuple[bool, str]:
         return False, (f"data fingerprints differ ({a.path}: {str(fa)[:16]}, {b.path}: {str(fb)[:16]}; "
                        f"data hashes {str(ha)[:12]} vs {str(hb)[:12]})")
     line = f"identical data: fingerprint {fa[:16]} (data hash {str(ha)[:16]}) in both runs"
-    ca, cb = read_consumed(a.path), read_consumed(b.path)
+    rows_a, rows_b = read_consumed_rows(a.path), read_consumed_rows(b.path)
+    ca, cb = {r["step"]: r["sha"] for r in rows_a}, {r["step"]: r["sha"] for r in rows_b}
     if not ca or not cb:
         missing = a.path if not ca else b.path
         return True, f"{line}; no consumed-data record in {missing} (older run): only the fingerprint was checked"
     common = sorted(set(ca) & set(cb))
     bad = [s for s in common if ca[s] != cb[s]]
     if bad:
+        why = "".join(_rollback_note(r) for r in (a, b))
         return False, (f"the runs consumed different samples: consumed.jsonl records differ from step {bad[0]} "
-                       f"({a.path}: {ca[bad[0]][:12]}, {b.path}: {cb[bad[0]][:12]})")
+                       f"({a.path}: {ca[bad[0]][:12]}, {b.path}: {cb[bad[0]][:12]}){why}")
     if not common:
         return True, f"{line}; consumed-data records share no logged step (different log_interval?)"
+    # the same samples went in, but a dropped update (non-finite loss, spike) means it was not learned
+    at = common[-1]
+    skipped = [(r.path, row.get("skipped_updates", 0)) for r, rows in ((a, rows_a), (b, rows_b))
+               for row in rows if row["step"] == at]
+    if any(n for _, n in skipped):
+        return False, (f"identical samples through step {at}, but not learned alike: skipped updates (non-finite "
+                       f"or spike) {', '.join(f'{p}: {n}' for p, n in skipped)} (consumed.jsonl)")
     return True, f"{line}; consumed the same samples through step {common[-1]} (consumed.jsonl)"
+
+
+def _rollback_note(run: Run) -> str:
+    """``; RUN skipped N global batches at step S after a rollback ...`` for each recorded rollback."""
+    return "".join(f"; {run.path} skipped {e['skip_batches']} global batch(es) at step {e['skip_from_step']} after "
+                   f"rolling back to {e['checkpoint']} (loss spikes at steps {e['flagged_steps']}; {ROLLBACKS})"
+                   for e in read_rollbacks(run.path) if e.get("skip_batches"))
 
 
 def budget_check(a: Run, b: Run) -> tuple[str | None, str]:

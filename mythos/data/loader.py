@@ -169,6 +169,7 @@ class TrainLoader:
         self._pos = Position()
         self._steps = 0
         self._samples_consumed = 0
+        self._skipped = 0  # global batches passed over (a rollback's; never trained on)
         self._it: Iterator[Batch] | None = None
 
     def use_layout(self, layout: Layout | None) -> None:
@@ -245,6 +246,21 @@ class TrainLoader:
         self._samples_consumed += self.global_batch_size
         return micro
 
+    def skip(self, n_batches: int) -> None:
+        """Pass over the next ``n_batches`` global batches of the order without reading them (a
+        rollback's offending batches). The step count does not move: the next :meth:`next_step`
+        is the same optimizer step, on the batch after the skipped ones."""
+        for _ in range(n_batches):
+            self._pos = self.order.advance(self._pos)
+        self._skipped += n_batches
+        self._it = None  # the stream (and any workers) restart at the new position
+
+    @property
+    def batches_drawn(self) -> int:
+        """Global batches taken from the order so far, skipped ones included (0-based index of the
+        next one)."""
+        return self._steps + self._skipped
+
     def __iter__(self) -> Iterator[list[Batch]]:
         while True:
             yield self.next_step()
@@ -264,6 +280,7 @@ class TrainLoader:
             "tokens_consumed": self._samples_consumed * self.tokens_per_sample,
             "global_batch_size": self.global_batch_size,
             "source_samples": [int(x) for x in self._source_samples],
+            "skipped_batches": self._skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,6 +304,7 @@ class TrainLoader:
         self._pos = Position(int(state["epoch"]), int(state["offset"]))
         self._steps = int(state["steps"])
         self._samples_consumed = int(state["samples_consumed"])
+        self._skipped = int(state.get("skipped_batches", 0))  # states from before rollbacks: none
         saved = state.get("source_samples")
         if saved is not None and len(saved) == len(self.data.names):
             self._source_samples = np.array(saved, dtype=np.int64)

@@ -81,20 +81,33 @@ class ConsumedRecord:
         self.samples += n_samples
         self._pending = True
 
-    def flush(self, step: int) -> None:
-        """Append the record at ``step`` (rank 0, at log steps)."""
+    def flush(self, step: int, skipped_updates: int = 0, skipped_batches: int = 0) -> None:
+        """Append the record at ``step`` (rank 0, at log steps). ``skipped_updates`` (steps whose
+        batch was consumed but whose update was dropped: non-finite or spike) and
+        ``skipped_batches`` (batches a rollback passed over) are cumulative and written when
+        nonzero: a run with either did not learn from the same data as its pair."""
         if self.enabled and self._pending:
+            row: dict[str, Any] = {"step": step, "samples": self.samples, "sha": self.sha}
+            if skipped_updates:
+                row["skipped_updates"] = skipped_updates
+            if skipped_batches:
+                row["skipped_batches"] = skipped_batches
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, "samples": self.samples, "sha": self.sha}) + "\n")
+                f.write(json.dumps(row) + "\n")
             self._pending = False
+
+
+def read_consumed_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``consumed.jsonl`` (empty when the run predates the record)."""
+    path = Path(run_dir) / "consumed.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r]
 
 
 def read_consumed(run_dir: Path) -> dict[int, str]:
     """``step -> sha`` of a run's ``consumed.jsonl`` (empty when the run predates the record)."""
-    path = Path(run_dir) / "consumed.jsonl"
-    if not path.exists():
-        return {}
-    return {r["step"]: r["sha"] for r in map(json.loads, path.read_text().splitlines()) if r}
+    return {r["step"]: r["sha"] for r in read_consumed_rows(run_dir)}
 
 
 class SampleLog:

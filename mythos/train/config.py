@@ -51,6 +51,39 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class SpikeConfig:
+    """Loss-spike handling (:mod:`mythos.train.spikes`). A step is *flagged* when its loss exceeds
+    the mean of the last ``window`` unflagged steps by more than ``sigma`` standard deviations."""
+
+    action: Literal["off", "skip", "rollback"] = "off"
+    """``off``: detect nothing (today's behaviour, bit for bit). ``skip``: a flagged step's
+    update is skipped (its batch counts as consumed, not learned). ``rollback``: skip too, and
+    after ``rollback_after`` flagged steps in a row every rank reloads the newest good checkpoint
+    before the first of them and goes on."""
+    window: int = 50
+    sigma: float = 6.0
+    min_history: int = 20
+    """Unflagged steps needed before anything is flagged (the first steps' losses move fast)."""
+    rollback_after: int = 3
+    max_rollbacks: int = 3
+    """More rollbacks than this in one run stop it (one line naming the checkpoint and steps)."""
+    lr_factor: float = 1.0
+    """After a rollback, the learning rate is multiplied by this from the first flagged step on."""
+    skip_batches: bool = True
+    """After a rollback, skip the global batches of the flagged steps (recorded: compare reports
+    that the run no longer saw the same data as its pair)."""
+
+    def validate(self) -> None:
+        if self.window < 2 or not 1 <= self.min_history <= self.window:
+            raise ValueError(f"spike.window must be >= 2 and 1 <= spike.min_history <= spike.window, got "
+                             f"window={self.window}, min_history={self.min_history}")
+        if self.sigma <= 0 or self.rollback_after < 1 or self.max_rollbacks < 0:
+            raise ValueError("spike.sigma must be > 0, spike.rollback_after >= 1, spike.max_rollbacks >= 0")
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"spike.lr_factor must be in (0, 1], got {self.lr_factor}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     global_batch_size: int = 32
     """Samples (sequences) per optimizer step, across all ranks: ``micro * accum * world``."""
@@ -80,8 +113,13 @@ class TrainConfig:
     """``auto`` = newest complete checkpoint in the run dir if any; ``none``; or a checkpoint path."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (updates are skipped)."""
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     inject_nan_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: rank 0's loss becomes NaN at these steps (1-based, as logged)."""
+    inject_spike_batches: list[int] = field(default_factory=list)
+    """Fault injection for tests: every rank's loss is multiplied by 100 on these global batches
+    (0-based index into the data order, skipped batches included: a rolled-back run that skips
+    them does not meet the fault again)."""
     inject_inf_forward_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: at these steps a forward hook makes rank 0's first transformer
     block (the RDT's first core block) emit an inf activation inside the forward."""

@@ -34,19 +34,34 @@ class MetricsLogger:
         self.wandb = None
         if not enabled:
             return
-        if self.jsonl.exists():
-            keep = [ln for ln in self.jsonl.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            atomic_write_text(self.jsonl, "".join(ln + "\n" for ln in keep))
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = resume_step + 1 if resume_step else None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
-        self._file = self.jsonl.open("a")
+        self._tensorboard_dir = run_dir / "tensorboard" if tensorboard else None
+        self._open(resume_step)
         if wandb is not None and wandb.mode != "disabled":
             from mythos.train.wandb_log import WandbSink  # imports wandb: only when enabled
 
             self.wandb = WandbSink(wandb, run_dir, run_name, run_config or {})
+
+    def _open(self, resume_step: int) -> None:
+        """Drop what was logged after ``resume_step`` (jsonl rewritten, TensorBoard purged) and open."""
+        if self.jsonl.exists():
+            keep = [ln for ln in self.jsonl.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            atomic_write_text(self.jsonl, "".join(ln + "\n" for ln in keep))
+        if self._tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step else None
+            self.writer = SummaryWriter(str(self._tensorboard_dir), purge_step=purge)
+        self._file = self.jsonl.open("a")
+
+    def rewind(self, step: int) -> None:
+        """A rollback to ``step`` inside the run: every step is again logged once, as after a
+        resume. (W&B keeps its rows: it does not take steps back; the rolled-back steps follow.)"""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        self._file.close()
+        self._open(step)
 
     def log(self, step: int, scalars: dict[str, float], *, histograms: dict[str, Any] | None = None) -> None:
         if not self.enabled:

@@ -56,6 +56,7 @@ from mythos.train.provenance import (
     write_run_files,
 )
 from mythos.train.signals import StopFlag
+from mythos.train.spikes import ROLLBACKS, RollbackLog, SpikeDetector
 from mythos.train.throughput import Throughput, device_peak_flops
 
 
@@ -138,6 +139,9 @@ class Trainer:
         self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step,
                                        state=(client or {}).get("consumed"))
         self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
+        self.spikes = SpikeDetector(t.spike, (client or {}).get("spikes"))
+        self.streak: list[int] = list(((client or {}).get("spikes") or {}).get("streak", []))  # flagged, in a row
+        self.rollbacks = RollbackLog(self.run_dir, enabled=main, resuming=self.resumed_from is not None)
         if main:
             info = run_info(
                 cfg, world_size=self.info.world_size, zero_stage=self.zero_stage, bf16=use_bf16(cfg, self.cuda),
@@ -164,6 +168,11 @@ class Trainer:
         client = ckpt.load(self.engine, path, universal=plan.universal,
                            restore_rng=plan.saved_world_size == plan.world_size)
         ckpt.check_identity(client, path, model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
+        self._restore(client, path)
+        return client
+
+    def _restore(self, client: dict[str, Any], path: Path) -> None:
+        """Counters and loader position of a loaded checkpoint (resume and rollback alike)."""
         self.loader.load_state_dict(client["data"])
         self.step = int(client["step"])
         self.tokens_seen = int(client["tokens_seen"])
@@ -171,7 +180,37 @@ class Trainer:
         self.bad_steps_total = int(client.get("bad_steps_total", 0))
         self.skipped_total = int(client.get("skipped_total", 0))
         self.resumed_from = str(path)
-        return client
+
+    def rollback(self) -> None:
+        """After ``train.spike.rollback_after`` flagged steps in a row: every rank (they all flag
+        the same steps) reloads the newest complete, verified checkpoint from before the first of
+        them, records the rollback (which batches to skip, the lr factor) and goes on in this job."""
+        sp, flagged = self.cfg.train.spike, list(self.streak)
+        good = [(s, d) for s, d in ckpt.list_tags(self.ckpt_root) if s < flagged[0] and ckpt.verify(d) is None]
+        done = len(self.rollbacks.events)
+        if done >= sp.max_rollbacks or not good:
+            where = good[-1][1] if good else "none before the spike"
+            why = (f"{done} rollbacks already (train.spike.max_rollbacks={sp.max_rollbacks})" if good
+                   else "no complete checkpoint before the spike to roll back to (lower train.save_interval)")
+            raise TrainingStopped(f"stopping: loss spikes at steps {flagged} and {why}; last good checkpoint: {where}; "
+                                  "lower optim.lr or check the data")
+        to_step, path = good[-1]
+        n_skip = len(flagged) if sp.skip_batches else 0
+        self.rollbacks.add({"detected_at": self.step, "flagged_steps": flagged, "checkpoint": path.name,
+                            "to_step": to_step, "skip_from_step": flagged[0], "skip_batches": n_skip,
+                            "lr_factor": sp.lr_factor})
+        client = ckpt.load(self.engine, path, restore_rng=True)  # this world size wrote it (same run)
+        ckpt.check_identity(client, path, model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
+        self._restore(client, path)
+        self.spikes.load_state_dict(client.get("spikes") or {})
+        self.streak = list((client.get("spikes") or {}).get("streak", []))
+        main = self.info.is_main
+        self.logger.rewind(self.step)
+        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step, state=client.get("consumed"))
+        self.sample_log = SampleLog(self.run_dir, enabled=main and self.cfg.train.log_samples, resume_step=self.step)
+        self.logger.print(f"rolled back to {path} (step {to_step}) after loss spikes at steps {flagged}: skipping "
+                          f"{n_skip} global batch(es) at step {flagged[0]}, lr x{sp.lr_factor:g} from there "
+                          f"(rollback {done + 1} of at most {sp.max_rollbacks}; {ROLLBACKS})")
 
     def _step_without_update(self) -> None:
         """ZeRO-0 has no ZeRO optimizer to skip a non-finite step for us: drop the gradients (torch's
@@ -196,8 +235,11 @@ class Trainer:
         return t.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ phases
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: float) -> dict[str, Any]:
-        """Forward/backward every micro-batch, agree on finiteness, step. Returns step stats."""
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: float,
+                   batch_index: int = -1) -> dict[str, Any]:
+        """Forward/backward every micro-batch, agree on finiteness (and on a loss spike, before the
+        last backward), step. ``batch_index``: the global batch's index in the data order (fault
+        injection only). Returns step stats."""
         cfg, engine = self.cfg, self.engine
         layout = self.layout
         if layout is not None:
@@ -207,7 +249,11 @@ class Trainer:
         ce_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_acc: dict[str, torch.Tensor] = {}
-        set_lr(engine.optimizer, self.base_lrs, lr_multiplier(self.step, self.total_steps, cfg.optim))
+        lr_mult = lr_multiplier(self.step, self.total_steps, cfg.optim)
+        if self.rollbacks.events:  # a rollback's lr factor (x 1.0 would change nothing, but stay exact)
+            lr_mult *= self.rollbacks.lr_factor(self.step + 1)
+        set_lr(engine.optimizer, self.base_lrs, lr_mult)
+        flagged = False
         for k, micro in enumerate(micro_batches):
             ids, labels = self._to_device(micro["input_ids"]), self._to_device(micro["labels"])
             kwargs: dict[str, Any] = {}
@@ -225,24 +271,32 @@ class Trainer:
                 loss = loss + out.aux_loss
             if self.step + 1 in cfg.train.inject_nan_steps and self.info.is_main:
                 loss = loss * float("nan")
+            ce = out.ce_sum
+            if batch_index in cfg.train.inject_spike_batches:  # every rank: the global loss spikes
+                loss, ce = loss * 100.0, ce * 100.0
             bad += (~torch.isfinite(loss.detach())).double()
+            ce_sum += ce.detach().double()
+            if k == len(micro_batches) - 1:
+                # the step's one all-reduce, before the last backward: the loss is then known on the
+                # host of every rank in time to drop this update if it is a spike (no extra sync)
+                agreed = dist.all_reduce_sum(torch.stack([ce_sum, bad]))
+                ce_total, n_bad = agreed.tolist()
+                flagged = self.spikes.check(ce_total / max(global_tokens, 1.0)) and n_bad == 0
+                if flagged:  # DeepSpeed's overflow check then drops the whole update (ZeRO-0: ours)
+                    loss = loss * float("nan")
             engine.backward(loss)
-            ce_sum += out.ce_sum.detach().double()
             for name, v in out.aux.items():
                 if v.dim() == 0:
                     aux_acc[name] = aux_acc.get(name, 0) + v.detach().double() / len(micro_batches)
                 elif name == "act_halt_hist":
                     aux_acc[name] = v.detach()
-            if k == len(micro_batches) - 1:
-                agreed = dist.all_reduce_sum(torch.stack([ce_sum, bad]))
-                ce_total, n_bad = agreed.tolist()
             skipped_before = engine.skipped_steps
-            if k == len(micro_batches) - 1 and n_bad > 0 and self.zero_stage == 0:
+            if k == len(micro_batches) - 1 and (n_bad > 0 or flagged) and self.zero_stage == 0:
                 self._step_without_update()
             else:
                 engine.step()
-        stats = {"loss": ce_total / max(global_tokens, 1.0), "bad": n_bad > 0}
-        stats["skipped"] = engine.skipped_steps > skipped_before or (n_bad > 0 and self.zero_stage == 0)
+        stats = {"loss": ce_total / max(global_tokens, 1.0), "bad": n_bad > 0, "flagged": flagged}
+        stats["skipped"] = engine.skipped_steps > skipped_before or ((n_bad > 0 or flagged) and self.zero_stage == 0)
         gn = engine.get_global_grad_norm()
         if gn is not None and not stats["skipped"]:
             stats["grad_norm"] = gn  # a device tensor or float: read on log steps only
@@ -301,6 +355,7 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
             "model_hash": section_hash(self.cfg.model),
             "consumed": self.consumed.state_dict(),
+            "spikes": {**self.spikes.state_dict(), "streak": self.streak},
         }
         path = ckpt.save(self.engine, self.ckpt_root, self.step, client, self.cfg.train.keep_last)
         if self.info.is_main:
@@ -343,16 +398,27 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 step_t0 = time.perf_counter()
-                data_state = self.loader.state_dict()
+                data_state = self.loader.state_dict()  # a save here resumes from it (skips re-applied)
+                if skip := self.rollbacks.skips_at(self.step + 1):  # a rollback's offending batches
+                    self.loader.skip(skip)
+                draw_state = self.loader.state_dict() if skip else data_state
+                batch_index = self.loader.batches_drawn
                 micro = self.loader.next_step()
                 data_wait = time.perf_counter() - step_t0
-                global_tokens, stop = self._agree(data_state, micro)
+                global_tokens, stop = self._agree(draw_state, micro)
                 if stop:  # some rank got SIGTERM/SIGUSR1: all save this step and exit
                     self.save(data_state)
                     self.logger.print(f"stopping on signal at step {self.step}: checkpoint saved; resume: auto goes on")
                     return {"step": self.step, "stopped_on_signal": True}
-                stats = self.train_step(micro, global_tokens)
+                stats = self.train_step(micro, global_tokens, batch_index)
                 self.step += 1
+                if stats["flagged"]:
+                    self.streak.append(self.step)
+                    self.logger.print(f"step {self.step}: loss {stats['loss']:.4f} is a spike "
+                                      f"({self.spikes.last_z:.1f} sigma > train.spike.sigma={t.spike.sigma:g}): "
+                                      f"update skipped ({len(self.streak)} in a row)")
+                else:
+                    self.streak = []
                 self.skipped_total += int(stats["skipped"])
                 consecutive_bad = consecutive_bad + 1 if stats["bad"] else 0
                 self.bad_steps_total += int(stats["bad"])
@@ -362,7 +428,7 @@ class Trainer:
                 self.throughput.add_step(time.perf_counter() - step_t0, data_wait, executed)
                 if stats["bad"]:
                     self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
-                if self.step % t.log_interval == 0 or self.step == self.total_steps or stats["bad"]:
+                if self.step % t.log_interval == 0 or self.step == self.total_steps or stats["bad"] or stats["flagged"]:
                     self.log_metrics(stats, start_step, t0)
                 if consecutive_bad >= t.max_bad_steps:
                     last = ckpt.list_tags(self.ckpt_root)
@@ -371,6 +437,9 @@ class Trainer:
                         f"stopping: {consecutive_bad} consecutive steps with a non-finite loss (train.max_bad_steps="
                         f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"
                     )
+                if t.spike.action == "rollback" and len(self.streak) >= t.spike.rollback_after:
+                    self.rollback()
+                    continue
                 self.maybe_eval(force=self.step == self.total_steps)
                 if (t.save_interval and self.step % t.save_interval == 0) or self.step == self.total_steps:
                     self.save()
@@ -427,8 +496,11 @@ class Trainer:
         if self.loader.data.is_mixture:  # realised tokens per source (exact, rank-independent)
             for name, n in self.loader.tokens_per_source().items():
                 m[f"data/tokens/{name}"] = n
+        if self.cfg.train.spike.action != "off":
+            m.update({"train/spikes": self.spikes.flagged_total, "train/loss_z": self.spikes.last_z,
+                      "train/rollbacks": len(self.rollbacks.events)})
         self.logger.log(self.step, m, histograms=hist)
-        self.consumed.flush(self.step)
+        self.consumed.flush(self.step, self.skipped_total, self.loader.state_dict()["skipped_batches"])
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
         self.logger.print(format_line(self.step, self.total_steps, m, eta))

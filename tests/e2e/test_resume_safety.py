@@ -285,3 +285,44 @@ def test_zero0_nan_guard_skips_the_update(shards: Path, tmp_path: Path) -> None:
     w = {s: torch.load(tags[s] / "mp_rank_00_model_states.pt", weights_only=False)["module"] for s in (1, 2, 3)}
     assert all(torch.equal(w[1][k], w[2][k]) for k in w[1])  # step 2's update was skipped
     assert not all(torch.equal(w[2][k], w[3][k]) for k in w[2])  # step 3's was not
+
+
+SPIKE = ["train.spike.action=rollback", "train.spike.window=8", "train.spike.min_history=4", "train.spike.sigma=4",
+         "train.spike.rollback_after=2", "train.spike.lr_factor=0.5", "train.inject_spike_batches=[6,10,11]",
+         "train.save_interval=4", "train.keep_last=5", "train.max_steps=16"]
+
+
+@pytest.mark.slow
+def test_loss_spike_is_skipped_then_rolled_back_and_a_fresh_resume_reproduces_it(shards: Path, tmp_path: Path) -> None:
+    """Issue 22, on 2 ranks: an injected finite spike (loss x100 on global batch 6) is flagged and its
+    update skipped; two in a row (batches 10, 11: steps 11, 12) roll every rank back to step 8, the
+    newest checkpoint before them, skip those two batches and halve the lr; the run finishes. A fresh
+    resume from that checkpoint with the run's rollbacks.json reproduces every later loss bit for bit."""
+    run = tmp_path / "run"
+    proc = run_training(RDT, run, shards, SPIKE)
+    out = proc.stdout + proc.stderr
+    assert "step 7: loss" in out and "is a spike" in out and "update skipped (1 in a row)" in out, out[-3000:]
+    assert f"rolled back to {run / 'checkpoints' / 'step0000008'} (step 8) after loss spikes at steps [11, 12]: " \
+           "skipping 2 global batch(es) at step 11, lr x0.5 from there" in out, out[-3000:]
+    events = json.loads((run / "rollbacks.json").read_text())
+    assert events == [{"detected_at": 12, "flagged_steps": [11, 12], "checkpoint": "step0000008", "to_step": 8,
+                       "skip_from_step": 11, "skip_batches": 2, "lr_factor": 0.5}]
+    rows = {m["step"]: m for m in metrics(run) if "train/loss" in m}
+    assert sorted(rows) == list(range(1, 17))  # every step once: the rolled-back steps were rewritten
+    assert rows[7]["train/loss"] > 50 * rows[6]["train/loss"] and rows[7]["train/skipped_updates"] == 1
+    assert all(r["train/loss"] < 2 * rows[1]["train/loss"] for s, r in rows.items() if s != 7)  # no spike after
+    assert rows[16]["train/rollbacks"] == 1 and rows[16]["train/skipped_updates"] == 1
+    assert rows[11]["train/lr"] == pytest.approx(0.5 * rows[10]["train/lr"], rel=0.2)  # halved (and decaying)
+    last = [json.loads(ln) for ln in (run / "consumed.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 16 and last["skipped_updates"] == 1 and last["skipped_batches"] == 2
+
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step0000008", fresh / "checkpoints" / "step0000008")
+    shutil.copy(run / "rollbacks.json", fresh / "rollbacks.json")
+    again = run_training(RDT, fresh, shards, SPIKE)
+    assert "resumed from" in again.stdout and "rolled back" not in again.stdout + again.stderr
+    assert {s: r for s, r in train_losses(fresh).items() if s > 8} == {s: r for s, r in train_losses(run).items()
+                                                                       if s > 8}
+    consumed = [(d / "consumed.jsonl").read_text().splitlines()[-1] for d in (fresh, run)]
+    assert consumed[0] == consumed[1]

@@ -97,3 +97,32 @@ def test_out_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'taken'} is a file, not a directory")
     assert _compare(a, b, tmp_path / "taken" / "sub") == 2
     assert f"lies under the file {tmp_path / 'taken'}" in capsys.readouterr().err
+
+
+def _consumed(path: Path, rows: list[dict[str, Any]]) -> None:
+    (path / "consumed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_skipped_updates_and_rollback_batches_are_not_identical_data(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 22: a dropped update (spike or non-finite) or a rollback's skipped batches mean the arms no
+    longer learned from identical data: refused (named), labelled with --allow-different-data."""
+    a, b = make_run(tmp_path / "a", steps=4, name="a"), make_run(tmp_path / "b", steps=4, name="b")
+    same = [{"step": s, "samples": 8 * s, "sha": f"h{s}"} for s in (2, 4)]
+    _consumed(a, same)
+    _consumed(b, [*same[:1], {**same[1], "skipped_updates": 1}])
+    assert _compare(a, b, tmp_path / "r1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: identical samples through step 4, but not learned alike: skipped updates") and \
+        f"{b}: 1" in err and err.count("\n") == 1, err
+    assert _compare(a, b, tmp_path / "r2", "--allow-different-data") == 0
+    assert "DIFFERENT DATA" in (tmp_path / "r2" / "report.md").read_text()
+    # a rollback that skipped batches: the records diverge, and the refusal says why
+    _consumed(b, [same[0], {"step": 4, "samples": 32, "sha": "other", "skipped_batches": 2}])
+    (b / "rollbacks.json").write_text(json.dumps([{"detected_at": 4, "flagged_steps": [3, 4], "checkpoint":
+                                                   "step0000002", "to_step": 2, "skip_from_step": 3, "skip_batches": 2,
+                                                   "lr_factor": 1.0}]))
+    assert _compare(a, b, tmp_path / "r3") == 2
+    err = capsys.readouterr().err
+    assert "consumed.jsonl records differ from step 4" in err and f"{b} skipped 2 global batch(es) at step 3 after " \
+        "rolling back to step0000002 (loss spikes at steps [3, 4]; rollbacks.json)" in err, err

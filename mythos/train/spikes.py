@@ -1,0 +1,108 @@
+"""Loss-spike detection and the rollback record.
+
+**Detection** (:class:`SpikeDetector`). The step's global loss is already on the host on every
+rank (the step's one all-reduce, :meth:`mythos.train.trainer.Trainer.train_step`), identical on
+all of them, so flagging costs no communication and no extra device sync, and every rank takes
+the same decision. A step is flagged when ``loss > mean + sigma * std`` of the last ``window``
+*unflagged* losses (one-sided: a loss that falls fast is progress, not a spike), once
+``min_history`` of them exist. The window travels in the checkpoint, so a resumed run flags
+exactly what the uninterrupted one would. Grad-norm spikes are not acted on: DeepSpeed computes
+the norm inside ``engine.step()``, after the update is decided (the norm is logged as always).
+
+**Skip.** A flagged step's update is skipped the way a non-finite one is: the last micro-batch's
+loss is made non-finite before its backward, so DeepSpeed's overflow check drops the whole update
+(ZeRO 1-3; ZeRO-0 through the trainer's own path) and the optimizer state is untouched.
+
+**Rollback record** (``RUN_DIR/rollbacks.json``, :class:`RollbackLog`). Each rollback appends
+``{"detected_at", "flagged_steps", "checkpoint", "to_step", "skip_from_step", "skip_batches",
+"lr_factor"}``. The trainer applies the record on every start that resumes (the batches are
+skipped when step ``skip_from_step`` is reached, the lr factor holds from that step on), so a
+fresh resume from the rollback's checkpoint reproduces the rolled-back run bit for bit. A fresh
+start at step 0 begins a new record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mythos.io import atomic_write_text
+from mythos.train.config import SpikeConfig
+
+ROLLBACKS = "rollbacks.json"
+
+
+class SpikeDetector:
+    """Rolling mean / std of recent unflagged losses; :meth:`check` flags a spike."""
+
+    def __init__(self, cfg: SpikeConfig, state: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.history: deque[float] = deque(maxlen=cfg.window)
+        self.flagged_total = 0
+        self.last_z = 0.0
+        if state:
+            self.load_state_dict(state)
+
+    def check(self, loss: float) -> bool:
+        """True when ``loss`` is a spike; an unflagged finite loss joins the window."""
+        if self.cfg.action == "off" or not math.isfinite(loss):
+            return False  # non-finite losses are the NaN guard's (train.max_bad_steps)
+        flagged = False
+        if len(self.history) >= self.cfg.min_history:
+            n = len(self.history)
+            mean = sum(self.history) / n
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (n - 1))
+            # a floor on std: a window of near-identical losses must not flag the next wiggle
+            self.last_z = (loss - mean) / max(std, 1e-3 * abs(mean), 1e-8)
+            flagged = self.last_z > self.cfg.sigma
+        if flagged:
+            self.flagged_total += 1
+        else:
+            self.history.append(loss)
+        return flagged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "flagged_total": self.flagged_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.cfg.window)
+        self.flagged_total = int(state.get("flagged_total", 0))
+
+
+class RollbackLog:
+    """The run's rollbacks (see the module docstring); rank 0 writes, every rank applies."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, resuming: bool) -> None:
+        self.path = run_dir / ROLLBACKS
+        self.enabled = enabled
+        self.events: list[dict[str, Any]] = []
+        if resuming and self.path.is_file():
+            self.events = json.loads(self.path.read_text())
+        elif enabled and self.path.exists():
+            self.path.unlink()  # a fresh start: an older attempt's record does not apply
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if self.enabled:
+            atomic_write_text(self.path, json.dumps(self.events, indent=2) + "\n")
+
+    def skips_at(self, step: int) -> int:
+        """Global batches to skip before drawing the batch of (1-based) step ``step``."""
+        return sum(e["skip_batches"] for e in self.events if e["skip_from_step"] == step)
+
+    def lr_factor(self, step: int) -> float:
+        """The product of the lr factors of the rollbacks in force at (1-based) step ``step``."""
+        f = 1.0
+        for e in self.events:
+            if step >= e["skip_from_step"]:
+                f *= e["lr_factor"]
+        return f
+
+
+def read_rollbacks(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's rollback events (empty when it has none)."""
+    path = Path(run_dir) / ROLLBACKS
+    return json.loads(path.read_text()) if path.is_file() else []
