@@ -88,3 +88,33 @@ def test_impossible_spike_configs_are_one_line(spike: dict, message: str) -> Non
     with pytest.raises(ConfigError) as exc:
         from_dict(TrainConfig, {"max_steps": 10, "spike": spike})
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_rollback_without_a_good_checkpoint_or_past_the_cap_is_one_line(tmp_path: Path) -> None:
+    """Trainer.rollback refuses before touching the engine: no complete checkpoint before the first
+    flagged step, or train.spike.max_rollbacks used up; one line naming the steps and checkpoint."""
+    from types import SimpleNamespace
+
+    from mythos.train import checkpoint as ckpt
+    from mythos.train.trainer import Trainer, TrainingStopped
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 8):  # two complete checkpoints (fake files), one after the spike began
+        tag = root / ckpt.tag_for(step)
+        tag.mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        (tag / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+    cfg = SimpleNamespace(train=SimpleNamespace(spike=SpikeConfig(action="rollback", max_rollbacks=1)))
+    stub = SimpleNamespace(cfg=cfg, streak=[3, 4, 5], ckpt_root=root, step=5,
+                           rollbacks=RollbackLog(tmp_path, enabled=False, resuming=False))
+    with pytest.raises(TrainingStopped) as exc:
+        Trainer.rollback(stub)
+    msg = str(exc.value)
+    assert msg == ("stopping: loss spikes at steps [3, 4, 5] and no complete checkpoint before the spike to roll "
+                   "back to (lower train.save_interval); last good checkpoint: none before the spike; lower optim.lr "
+                   "or check the data"), msg
+    stub.streak, stub.step = [9, 10, 11], 11
+    stub.rollbacks.events.append({"skip_from_step": 6, "skip_batches": 0, "lr_factor": 1.0})
+    with pytest.raises(TrainingStopped, match=r"spikes at steps \[9, 10, 11\] and 1 rollbacks already "
+                                              r"\(train.spike.max_rollbacks=1\); last good checkpoint: .*step0000008"):
+        Trainer.rollback(stub)
