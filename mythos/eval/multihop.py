@@ -28,11 +28,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mythos.model.base import CausalLM
-from mythos.model.rdt import ACTState
 from mythos.tasks.generators import exact_match
 
 DEFAULT = "default"
@@ -68,54 +66,10 @@ def adaptive_answer(
         raise ValueError(f"exit_kl must be >= 0, got {exit_kl}")
     if act and model.halt is None:
         raise ValueError(f"{cfg.name} has no ACT halting unit (model.act.enabled=false): use the KL exit")
-    b, s = prompt.shape
-    rope = model.rope(0, s)
-    x = model.embed(prompt)
-    for j, block in enumerate(model.prelude):
-        x = model.run_block(block, x, rope, model.value_embed(j, prompt), None, (-1, j))
-    e = model.prelude_norm(x)
-    off = model.core_layer_offset
-    ve = [model.value_embed(off + j, prompt) for j in range(cfg.n_core)]
-    ids, h = prompt, torch.zeros_like(e)
-    halting = ACTState(h) if model.halt is not None else None
-    rows = torch.arange(b, device=prompt.device)  # original index of every row still looping
-    logits_out = torch.zeros(b, cfg.vocab_size, dtype=torch.float32, device=prompt.device)
-    loops_out = torch.full((b,), max_loops, dtype=torch.long)
-    prev: Tensor | None = None
-    for t in range(max_loops):
-        ctx = model.injection(e)  # recomputed from the surviving rows' e: exact, and cheap
-        h_new, _ = model._iterate(h, ctx, t, rope, ve, None, t)
-        if halting is not None:
-            p = torch.sigmoid(model.halt(h_new).squeeze(-1).float())
-            ran = halting.update(p, h_new, torch.ones_like(p, dtype=torch.bool), False, cfg.act.threshold)
-            h = torch.where(ran.unsqueeze(-1), h_new, h)
-            # what the trunk outputs when t is its last iteration: still-running positions take
-            # their remainder 1 - cum of this iteration's state (the forced halt)
-            left = torch.where(halting.running, 1.0 - halting.cum, torch.zeros_like(halting.cum))
-            state = halting.output + left.unsqueeze(-1).to(h_new.dtype) * h_new
-        else:
-            h = state = h_new
-        logits = model.head(model._finish(state, ids, rope, None))[:, -1].float()
-        logp = F.log_softmax(logits, -1)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=prompt.device)
-        if exit_kl > 0 and prev is not None:
-            done |= F.kl_div(prev, logp, log_target=True, reduction="none").sum(-1) < exit_kl
-        if act:
-            done |= ~halting.running.any(-1)
-        if t == max_loops - 1:
-            done[:] = True
-        if bool(done.any()):
-            logits_out[rows[done]] = logits[done]
-            loops_out[rows[done].cpu()] = t + 1
-        if bool(done.all()):
-            break
-        keep = ~done
-        rows, e, ids, h, prev = rows[keep], e[keep], ids[keep], h[keep], logp[keep]
-        ve = [None if v is None else v[keep] for v in ve]
-        if halting is not None:
-            for name in ("cum", "remainder", "n_updates", "running", "output"):
-                setattr(halting, name, getattr(halting, name)[keep])
-    return logits_out, loops_out
+    # the model's own per-row exit (RDT._trunk_adaptive): exited rows leave the active set
+    out = model(prompt, num_loops=max_loops, exit_kl=exit_kl, exit_act=act)
+    loops = out.aux["exit_loops"] if "exit_loops" in out.aux else torch.full((len(prompt),), max_loops)
+    return out.logits[:, -1].float(), loops.to(torch.long)
 
 
 @torch.no_grad()

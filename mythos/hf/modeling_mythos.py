@@ -99,13 +99,21 @@ class _CacheView:
     """The model's view of a transformers ``DynamicCache`` for one forward: ``past`` positions
     are cached; ``update(slot, k, v)`` appends this forward's keys/values ``[B, kv_heads, S, D]``
     and returns past + new. ``peek=True``: return past + new without storing (the early-exit
-    trial that runs the coda on an intermediate state)."""
+    trial that runs the coda on an intermediate state).
 
-    def __init__(self, cache: Cache, past: int) -> None:
+    ``rows`` (None = all; the adaptive exit): the batch rows the call computes. ``update`` then
+    takes and returns those rows only; stored, a core slot gets every row: the computed ones
+    theirs, the exited ones their newest keys/values of that core layer (``fresh``: those of
+    their exit iteration, the fill-in later tokens attend to)."""
+
+    def __init__(self, cache: Cache, past: int, core_base: int = 0, n_core: int = 1) -> None:
         if not isinstance(cache, DynamicCache):
             raise ValueError(f"MythosForCausalLM supports a DynamicCache, got {type(cache).__name__} "
                              "(the RDT's cache grows by loop iteration, a static cache cannot)")
         self.cache, self.past, self.peek = cache, past, False
+        self.core_base, self.n_core = core_base, n_core
+        self.rows: Tensor | None = None
+        self.fresh: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _layer(self, slot: int) -> DynamicLayer:
         while len(self.cache.layers) <= slot:  # more loops than config.num_hidden_layers planned
@@ -118,16 +126,36 @@ class _CacheView:
         if held != self.past:
             raise ValueError(f"KV cache slot {slot} holds {held} positions, the cache {self.past}: it was filled "
                              "with another num_loops; keep num_loops fixed while decoding with one cache")
+        rows = self.rows
         if self.peek:
             if held == 0:
                 return k, v
-            return torch.cat([layer.keys, k], dim=-2), torch.cat([layer.values, v], dim=-2)
-        return self.cache.update(k, v, slot)
+            pk, pv = (layer.keys, layer.values) if rows is None else (layer.keys[rows], layer.values[rows])
+            return torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
+        core = slot >= self.core_base
+        if core and rows is not None:
+            fk, fv = self.fresh[(slot - self.core_base) % self.n_core]
+            k, v = fk.index_copy(0, rows, k), fv.index_copy(0, rows, v)
+        if core:
+            self.fresh[(slot - self.core_base) % self.n_core] = (k, v)
+        full_k, full_v = self.cache.update(k, v, slot)
+        return (full_k, full_v) if rows is None else (full_k[rows], full_v[rows])
 
     def last(self, slot: int, n: int) -> tuple[Tensor, Tensor]:
         """The newest ``n`` positions' keys/values of ``slot``."""
         layer = self.cache.layers[slot]
         return layer.keys[..., -n:, :], layer.values[..., -n:, :]
+
+
+def _take(x: object, keep: Tensor) -> object:
+    """Rows ``keep`` (bool over the working rows) of a per-row tensor (first dim = ``keep``'s
+    length, at least 2-D), of each element of a tuple; anything else (per-channel ``A_bar``,
+    a ``[1, ...]`` rope table, None) as it is."""
+    if isinstance(x, tuple):
+        return tuple(_take(v, keep) for v in x)
+    if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == keep.numel() and keep.numel() > 1:
+        return x[keep]
+    return x
 
 
 class MythosLinear(nn.Linear):
@@ -398,15 +426,17 @@ class MythosModel(MythosPreTrainedModel):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: Cache | None = None, num_loops: int | None = None,
-                head: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                head: Callable[[Tensor], Tensor] | None = None, exit_kl: float | None = None,
+                exit_act: bool | None = None) -> Tensor:
         """``input_ids [B, S]`` -> normed hidden states ``[B, S, d]``. ``attention_mask [B, past + S]``
         (1 = token, 0 = padding), ``position_ids [B|1, S]`` (default: ``past + arange(S)``),
         ``cache``: a ``DynamicCache`` (appended to). ``head`` maps normed states to logits, for
-        the KL early exit."""
+        the KL exit. ``exit_kl`` / ``exit_act``: the per-row adaptive exit (see
+        :meth:`_adaptive`); defaults: ``config.early_exit_kl`` and ACT with a cache, none without."""
         c = self.config
         b, s = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        kv = _CacheView(cache, past) if cache is not None else None
+        kv = _CacheView(cache, past, c.n_prelude + c.n_coda, max(c.n_core, 1)) if cache is not None else None
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=input_ids.device)[None]
         x = self.embed(input_ids)
@@ -429,9 +459,17 @@ class MythosModel(MythosPreTrainedModel):
         ctx = self.injection(e)
         ve_core = [self._ve(c.n_prelude + j, input_ids) for j in range(c.n_core)]
         h = torch.zeros_like(e)  # eval-mode initial state (mythos' noise mean)
+        kl_thr = (c.early_exit_kl if kv is not None else 0.0) if exit_kl is None else float(exit_kl)
+        act_exit = (self.halt is not None and kv is not None) if exit_act is None else bool(exit_act)
+        if kl_thr < 0:
+            raise ValueError(f"exit_kl must be >= 0, got {kl_thr}")
+        if act_exit and self.halt is None:
+            raise ValueError("exit_act needs an ACT model (config.act_enabled=false)")
+        if kl_thr > 0 and head is None:
+            raise ValueError("the KL exit reads the next-token distribution: call MythosForCausalLM")
+        if kl_thr > 0 or act_exit:
+            return self._adaptive(h, e, ctx, ve_core, input_ids, rope, mask, kv, n, kl_thr, act_exit, head)
         act = _ACTState(h) if self.halt is not None else None
-        exit_kl = c.early_exit_kl if kv is not None and head is not None else 0.0
-        prev_logp: Tensor | None = None
         for t in range(n):
             h_new = self._iterate(h, ctx, t, rope, mask, ve_core, kv)
             if act is not None:
@@ -440,26 +478,80 @@ class MythosModel(MythosPreTrainedModel):
                 h = torch.where(ran.unsqueeze(-1), h_new, h)
             else:
                 h = h_new
-            if kv is None or t == n - 1:
-                continue
-            # decoding with a cache: stop once nothing more would change (ACT) or the answer has settled (KL)
-            stop = act is not None and not bool(act.running.any())
-            if exit_kl > 0 and not stop:
-                kv.peek = True
-                logp = F.log_softmax(head(self.norm(self._finish(h, input_ids, rope, mask, kv)))[:, -1].float(), -1)
-                kv.peek = False
-                if prev_logp is not None:
-                    kl = F.kl_div(prev_logp, logp, log_target=True, reduction="none").sum(-1)
-                    stop = bool((kl < exit_kl).all())
-                prev_logp = logp
-            if stop:  # skipped iterations attend to this step's keys/values of iteration t
-                for later in range(t + 1, n):
-                    for j in range(c.n_core):
-                        kv.update(self._core_slot(later, j), *kv.last(self._core_slot(t, j), s))
-                break
+        self.exit_loops = torch.full((b,), n, dtype=torch.long)
         if act is not None:
             h = act.output
         return self.norm(self._finish(h, input_ids, rope, mask, kv))
+
+    def _adaptive(self, h: Tensor, e: Tensor, ctx: object, ve_core: list[Tensor | None], input_ids: Tensor,
+                  rope: Rope, mask: Tensor | None, kv: _CacheView | None, n: int, exit_kl: float, exit_act: bool,
+                  head: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """Per-row adaptive depth, at most ``n`` iterations (mythos' ``RDT._trunk_adaptive``):
+        row i stops after iteration ``T_i`` when ``T_i >= 2`` and KL(p_T || p_T-1) < ``exit_kl``
+        for the last position's next-token distribution ``p_t`` (what ``num_loops = t`` would
+        output), or (``exit_act``) every position of the row has halted, or ``T_i = n``. An
+        exited row leaves the working batch (its later iterations are not computed) and outputs
+        its state at ``T_i``: without a cache, its logits are those of ``num_loops = T_i``. With a
+        cache, its skipped iterations' slots get its keys/values of iteration ``T_i`` (the
+        fill-in), so a batch decodes each row as that row decoded alone. ``self.exit_loops [B]``
+        keeps each row's ``T_i`` of the last forward (core row-iterations: their sum)."""
+        c = self.config
+        b = h.shape[0]
+        act = _ACTState(h) if self.halt is not None else None
+        idx = torch.arange(b, device=h.device)
+        ids, w_rope, w_mask = input_ids, rope, mask
+        out = torch.empty_like(h)
+        exit_t = torch.full((b,), n, dtype=torch.long)
+        prev: Tensor | None = None
+        ran = n
+        for t in range(n):
+            if kv is not None:
+                kv.rows = None if idx.numel() == b else idx
+            h_new = self._iterate(h, ctx, t, w_rope, w_mask, ve_core, kv)
+            last = t == n - 1
+            if act is not None:
+                p = torch.sigmoid(self.halt(h_new).squeeze(-1).float())
+                run = act.update(p, h_new, last, c.act_threshold)
+                h = torch.where(run.unsqueeze(-1), h_new, h)
+                left = torch.where(act.running, 1.0 - act.cum, torch.zeros_like(act.cum))
+                state = act.output + left.unsqueeze(-1).to(h_new.dtype) * h_new  # the output were t the last
+            else:
+                h = state = h_new
+            done = torch.full((idx.numel(),), last, dtype=torch.bool, device=h.device)
+            if not last and exit_act and act is not None:
+                done |= ~act.running.any(-1)
+            if not last and exit_kl > 0 and head is not None:
+                if kv is not None:
+                    kv.peek = True
+                y = self.norm(self._finish(state, ids, w_rope, w_mask, kv))[:, -1]
+                if kv is not None:
+                    kv.peek = False
+                logp = F.log_softmax(head(y).float(), -1)
+                if prev is not None:
+                    done |= F.kl_div(prev, logp, log_target=True, reduction="none").sum(-1) < exit_kl
+                prev = logp
+            if not bool(done.any()):
+                continue
+            gone = idx[done]
+            out[gone] = state[done]
+            exit_t[gone.cpu()] = t + 1
+            if bool(done.all()):
+                ran = t + 1
+                break
+            keep = ~done
+            idx, h, ids, prev = idx[keep], h[keep], ids[keep], None if prev is None else prev[keep]
+            ctx, w_rope, w_mask = _take(ctx, keep), _take(w_rope, keep), _take(w_mask, keep)
+            ve_core = [_take(v, keep) for v in ve_core]
+            if act is not None:
+                act.cum, act.running, act.output = act.cum[keep], act.running[keep], act.output[keep]
+        if kv is not None:
+            kv.rows = None
+            s = input_ids.shape[1]
+            for later in range(ran, n):  # nobody ran these: every row's newest keys/values (its exit iteration)
+                for j in range(c.n_core):
+                    kv.update(self._core_slot(later, j), *kv.last(self._core_slot(ran - 1, j), s))
+        self.exit_loops = exit_t
+        return self.norm(self._finish(out, input_ids, rope, mask, kv))
 
 
 class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
@@ -495,6 +587,8 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         num_loops: int | None = None,
+        exit_kl: float | None = None,
+        exit_act: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -503,13 +597,16 @@ class MythosForCausalLM(MythosPreTrainedModel, GenerationMixin):
         when > 0). ``num_loops``: RDT iterations (default ``config.num_loops``). ``cache`` (or the
         older name ``past_key_values``): a ``DynamicCache`` to extend; ``use_cache=True`` without
         one starts a new cache (returned in the output). ``labels [B, S]`` (unshifted, -100
-        ignored): mean next-token cross-entropy as ``loss``."""
+        ignored): mean next-token cross-entropy as ``loss``. ``exit_kl`` / ``exit_act``: per-row
+        adaptive depth with ``num_loops`` as the cap (``MythosModel._adaptive``; the rows' loop
+        counts of the last forward are ``self.model.exit_loops``)."""
         if input_ids is None:
             raise ValueError("MythosForCausalLM needs input_ids (value embeddings are indexed by token)")
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = DynamicCache()
-        h = self.model(input_ids, attention_mask, position_ids, cache, num_loops, head=self._logits)
+        h = self.model(input_ids, attention_mask, position_ids, cache, num_loops, head=self._logits,
+                       exit_kl=exit_kl, exit_act=exit_act)
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:

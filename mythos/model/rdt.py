@@ -186,13 +186,36 @@ class RDT(CausalLM):
         loop_counts: Tensor | None = None,
         n_steps: int | None = None,
         h0: Tensor | None = None,
+        exit_kl: float | None = None,
+        exit_act: bool | None = None,
+        exit_positions: str = "last",
     ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         """``num_loops``: run every sequence this many iterations. ``loop_counts [B]`` (CPU) with
         optional ``n_steps``: per-sequence counts and the number of iterations to run (>= max;
         more only to keep ZeRO-3 ranks in step). Neither: sample in training, ``loops.eval_loops``
-        in eval. ``h0 [B, S, d]``: the initial state (default: noise in training, zeros in eval)."""
+        in eval. ``h0 [B, S, d]``: the initial state (default: noise in training, zeros in eval).
+
+        ``exit_kl`` / ``exit_act`` / ``exit_positions`` (eval only): per-row adaptive exit with
+        ``num_loops`` as the cap, see :meth:`_trunk_adaptive`. Defaults: no exit without a cache;
+        with a cache (decoding) ``cfg.early_exit_kl`` and, for an ACT model, the ACT exit."""
         cfg = self.cfg
         b, s, _ = x.shape
+        kl = float(cfg.early_exit_kl if exit_kl is None and cache is not None else (exit_kl or 0.0))
+        act_exit = (self.halt is not None and cache is not None) if exit_act is None else bool(exit_act)
+        if kl < 0:
+            raise ValueError(f"exit_kl must be >= 0, got {kl}")
+        if act_exit and self.halt is None:
+            raise ValueError(f"exit_act: {cfg.name} has no ACT halting unit (model.act.enabled=false)")
+        if exit_positions not in ("last", "all"):
+            raise ValueError(f"exit_positions must be 'last' or 'all', got {exit_positions!r}")
+        explicit = bool(exit_kl) or bool(exit_act)
+        if explicit and (self.training or loop_counts is not None):
+            raise ValueError("adaptive exit is an inference option: eval mode, with num_loops as the cap "
+                             "(not loop_counts: the exit picks each row's count)")
+        if (kl > 0 or act_exit) and not self.training and loop_counts is None:
+            n, _ = self._resolve_loops(b, num_loops, None, None)
+            return self._trunk_adaptive(x, input_ids, rope, cache, n=n, exit_kl=kl, exit_act=act_exit,
+                                        exit_positions=exit_positions, h0=h0)
         n, counts = self._resolve_loops(b, num_loops, loop_counts, n_steps)
         plan = _ActiveRows(counts, n, x.device) if (
             counts is not None and cfg.loops.execution == "active" and cache is None) else None
@@ -222,7 +245,8 @@ class RDT(CausalLM):
         act = ACTState(h) if self.halt is not None else None
         all_active = torch.ones(b, 1, dtype=torch.bool, device=x.device)
         aux_terms: list[tuple[Tensor, int]] = []
-        exit_kl = cfg.early_exit_kl if (cache is not None and not self.training) else 0.0
+        # a cache with per-sequence loop_counts: the batch stops as a whole (every row converged)
+        exit_kl = kl if (cache is not None and not self.training) else 0.0
         prev_logp: Tensor | None = None
         ran = n
 
@@ -262,7 +286,7 @@ class RDT(CausalLM):
                     h = torch.where(active.unsqueeze(-1), h_new, h)
 
             if cache is not None and t < n - 1:  # inference-time early stopping
-                stop = act is not None and not bool(act.running.any())
+                stop = act is not None and act_exit and not bool(act.running.any())
                 if exit_kl > 0 and not stop:
                     cache.peek = True
                     logp = F.log_softmax(self.head(self._finish(h, input_ids, rope, cache))[:, -1].float(), -1)
@@ -310,6 +334,201 @@ class RDT(CausalLM):
         if plan is not None and plan.perm is not None:
             y = y[plan.inverse]
         return y, aux_loss, aux
+
+
+    # ------------------------------------------------------------------ adaptive exit (inference)
+    def _trunk_adaptive(
+        self,
+        x: Tensor,
+        input_ids: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: KVCache | None,
+        *,
+        n: int,
+        exit_kl: float,
+        exit_act: bool,
+        exit_positions: str,
+        h0: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """Per-row adaptive depth, at most ``n`` iterations: a row that has converged leaves the
+        active set, so its later iterations are not computed while the other rows go on.
+
+        Row i exits after iteration ``T_i`` (1-based) when
+
+        - ``exit_kl > 0`` and ``T_i >= 2`` and ``KL(p_T || p_{T-1}) < exit_kl``, where ``p_t`` is
+          the next-token distribution the model would output at ``num_loops = t`` (the last
+          position with ``exit_positions="last"``; with ``"all"`` the largest KL over the row's
+          positions: every position has settled), or
+        - ``exit_act`` and every position of the row has halted (lossless: the output can no
+          longer change), or
+        - ``T_i = n``.
+
+        Its output is its state at ``T_i``: **row i's logits equal the model's at fixed
+        ``num_loops = T_i``** (without a cache; with ACT the state read out is the one the trunk
+        outputs when ``T_i`` is its last iteration, forced remainder included).
+
+        Cost: the core runs on the rows still active only (the working tensors are compacted, a
+        row gather only at iterations where some row exits); the KL criterion adds one readout
+        (coda + head) per active row per iteration, counted in ``aux["exit_evals"]``.
+        ``aux["exit_loops"] [B]`` holds each row's ``T_i``, ``aux["loops_executed"]`` the mean
+        core iterations per row actually run (``sum T_i / B``; fixed T runs ``n``).
+
+        With a cache (decoding), each forward's rows exit on their own (per token when decoding
+        one token a step): iterations a row skipped get, in their cache slots, its keys/values of
+        its exit iteration (Huginn's fill-in), so later tokens can attend at every depth. Exact
+        in this sense: a batch decodes each row as that row decoded alone, and a forward with no
+        past (the prompt) gives the logits of fixed ``num_loops = T_i``.
+        """
+        cfg = self.cfg
+        b, s, _ = x.shape
+        for j, block in enumerate(self.prelude):
+            x = self.run_block(block, x, rope, self.value_embed(j, input_ids), cache, (-1, j))
+        e = self.prelude_norm(x)
+        off = self.core_layer_offset
+        ve = [self.value_embed(off + j, input_ids) for j in range(cfg.n_core)]
+        h = torch.zeros_like(e) if h0 is None else h0.to(e.dtype)
+        ctx = self.injection(e)
+        act = ACTState(h) if self.halt is not None else None
+        view = _RowsCache(cache) if cache is not None else None
+        # working set: the rows still looping (``idx``: their original index), compacted on exit
+        idx = torch.arange(b, device=x.device)
+        ids = input_ids
+        out = torch.empty_like(h)  # each row's state at its exit
+        exit_t = torch.full((b,), n, dtype=torch.long)
+        act_steps = torch.zeros(b, s, dtype=torch.float32, device=x.device)
+        act_rem = torch.zeros(b, s, dtype=torch.float32, device=x.device)
+        prev: Tensor | None = None  # log p_{t-1} of the working rows, [a, V] or [a, S, V]
+        aux_terms: list[tuple[Tensor, int]] = []
+        row_iters = evals = 0
+        ran = n
+        for t in range(n):
+            a = idx.numel()
+            if view is not None:
+                view.rows = None if a == b else idx
+            h_new, aux = self._iterate(h, ctx, t, rope, ve, view, t)
+            row_iters += a
+            if aux is not None:
+                aux_terms.append((aux, a))
+            last = t == n - 1
+            if act is not None:
+                p = torch.sigmoid(self.halt(h_new).squeeze(-1).float())
+                run = act.update(p, h_new, torch.ones_like(act.running), last, cfg.act.threshold)
+                h = torch.where(run.unsqueeze(-1), h_new, h)
+                # the state the trunk outputs were t its last iteration: still-running positions
+                # take the forced remainder 1 - cum of this iteration's state
+                left = torch.where(act.running, 1.0 - act.cum, torch.zeros_like(act.cum))
+                state = act.output + left.unsqueeze(-1).to(h_new.dtype) * h_new
+            else:
+                h = state = h_new
+            done = torch.full((a,), last, dtype=torch.bool, device=x.device)
+            if not last and exit_act and act is not None:
+                done |= ~act.running.any(-1)
+            if not last and exit_kl > 0:
+                if view is not None:
+                    view.peek = True
+                y = self._finish(state, ids, rope, view)
+                if view is not None:
+                    view.peek = False
+                logp = F.log_softmax(self.head(y if exit_positions == "all" else y[:, -1]).float(), -1)
+                evals += a
+                if prev is not None:
+                    kl = F.kl_div(prev, logp, log_target=True, reduction="none").sum(-1)  # KL(p_t || p_t-1)
+                    done |= (kl.amax(-1) if exit_positions == "all" else kl) < exit_kl
+                prev = logp
+            if not bool(done.any()):  # the one host sync per iteration: which rows go on
+                continue
+            gone = idx[done]
+            out[gone] = state[done]
+            exit_t[gone.cpu()] = t + 1
+            if act is not None:
+                act_steps[gone], act_rem[gone] = act.n_updates[done], act.remainder[done]
+            if bool(done.all()):
+                ran = t + 1
+                break
+            keep = ~done
+            idx, h, ids = idx[keep], h[keep], ids[keep]
+            ctx = _take_rows(ctx, keep)
+            ve = [None if v is None else v[keep] for v in ve]
+            prev = None if prev is None else prev[keep]
+            if act is not None:
+                for name in ("cum", "remainder", "n_updates", "running", "output"):
+                    setattr(act, name, getattr(act, name)[keep])
+        if cache is not None and ran < n:
+            # every row exited: the iterations nobody ran get slot ``ran - 1``'s new keys/values,
+            # which hold each row's exit iteration (earlier exits were filled in per iteration)
+            self._fill_cache(cache, ran - 1, n, s)
+        aux_out: dict[str, Tensor] = {
+            "loops_run": torch.tensor(float(ran)),
+            "loops_mean": exit_t.float().mean(),
+            "loops_executed": torch.tensor(row_iters / b),
+            "bwd_loops_executed": torch.tensor(row_iters / b if torch.is_grad_enabled() else 0.0),
+            "exit_loops": exit_t,
+            "exit_evals": torch.tensor(float(evals)),
+        }
+        aux_loss: Tensor | None = None
+        if act is not None:
+            ponder = (act_steps + act_rem).mean()
+            aux_loss = cfg.act.ponder_weight * ponder
+            aux_out["ponder"] = ponder.detach()
+            aux_out["act_steps"] = act_steps.mean()
+        if aux_terms:
+            total = sum(r for _, r in aux_terms)
+            balance = sum(a_ * (r / total) for a_, r in aux_terms if r) / cfg.n_core
+            term = cfg.moe.balance_weight * balance
+            aux_loss = term if aux_loss is None else aux_loss + term
+            aux_out["moe_balance"] = balance.detach()
+        return self._finish(out, input_ids, rope, cache), aux_loss, aux_out
+
+
+class _RowsCache:
+    """A :class:`KVCache` seen by a subset of its rows, for the adaptive exit.
+
+    ``rows`` (None = all): the original indices of the rows the core runs on now. ``update``
+    returns past + new keys/values of those rows only (what their attention needs). Stored, every
+    core slot ``(t, layer)`` gets this forward's keys/values for **all** rows: the rows computed
+    at ``t`` give theirs, the others (exited) keep the newest ones of that layer, i.e. those of
+    their exit iteration (the fill-in). ``peek``: return past + new without storing (the KL
+    criterion's trial readout through the coda)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        self.rows: Tensor | None = None
+        self.peek = False
+        self.fresh: dict[int, tuple[Tensor, Tensor]] = {}
+        """core layer -> this forward's newest keys/values ``[B, kv_heads, S_new, head_dim]``"""
+
+    @property
+    def pos(self) -> int:
+        return self.cache.pos
+
+    def update(self, key: tuple[int, int], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        rows = self.rows
+        if rows is not None and self.peek:
+            past = self.cache.store.get(key)
+            if past is None:
+                return k, v
+            return torch.cat([past[0][rows], k], dim=2), torch.cat([past[1][rows], v], dim=2)
+        if rows is not None:  # a core slot with some rows exited: theirs from their exit iteration
+            fk, fv = self.fresh[key[1]]
+            k, v = fk.index_copy(0, rows, k), fv.index_copy(0, rows, v)
+        if key[0] >= 0 and not self.peek:
+            self.fresh[key[1]] = (k, v)
+        self.cache.peek = self.peek
+        try:
+            full_k, full_v = self.cache.update(key, k, v)
+        finally:
+            self.cache.peek = False
+        return (full_k, full_v) if rows is None else (full_k[rows], full_v[rows])
+
+
+def _take_rows(ctx: object, keep: Tensor) -> object:
+    """The injection context of the rows ``keep`` (bool over the working rows): per-row tensors
+    (``[a, S, d]``) are indexed, per-channel ones (LTI's ``A_bar [d]``) kept."""
+    if isinstance(ctx, tuple):
+        return tuple(_take_rows(c, keep) for c in ctx)
+    if isinstance(ctx, Tensor) and ctx.dim() >= 2 and ctx.shape[0] == keep.numel():
+        return ctx[keep]
+    return ctx
 
 
 class _ActiveRows:

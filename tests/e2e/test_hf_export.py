@@ -51,6 +51,15 @@ MODELS = {
                                  "loops.eval_loops=3"]),
 }
 
+EXIT_CAP = 8  # the adaptive exit's cap (num_loops) in the no-cache parity test (the child's own copy)
+#: per model, the exit options whose no-cache forwards are compared; each makes the 2 rows exit at
+#: different iterations (asserted), so the per-row exit is what is compared
+EXITS = {
+    "rdt-tiny": [{"exit_kl": 0.1}],
+    "rdt-kl-exit": [{"exit_kl": 1e-4}],
+    "rdt-options": [{"exit_kl": 1e-3}, {"exit_act": True}],
+}
+
 
 def _random_model(preset: str, overrides: list[str], seed: int = 0):
     """Every parameter random and non-trivial (zero-init projections, zero LoRA B / loop
@@ -69,16 +78,19 @@ def _random_model(preset: str, overrides: list[str], seed: int = 0):
     return model.eval()
 
 
-def _cached_decode(model, ids: torch.Tensor, prompt_len: int, **kw) -> tuple[list[torch.Tensor], list[float]]:
+def _cached_decode(model, ids: torch.Tensor, prompt_len: int,
+                   **kw) -> tuple[list[torch.Tensor], list[float], list[list[int]]]:
     """Our model decoding ``ids`` with a KV cache (prompt, then one token a step): the last
-    position's logits per step and the loop iterations each step ran (``loops_run``)."""
-    cache, logits, loops = KVCache(), [], []
+    position's logits per step, the loop iterations each step ran (``loops_run``) and each row's
+    exit iteration per step (``exit_loops``; empty without an adaptive exit)."""
+    cache, logits, loops, exits = KVCache(), [], [], []
     with torch.no_grad():
         for end in range(prompt_len, ids.shape[1] + 1):
             out = model(ids[:, (0 if end == prompt_len else end - 1):end], cache=cache, **kw)
             logits.append(out.logits[:, -1])
             loops.append(float(out.aux.get("loops_run", 0)))
-    return logits, loops
+            exits.append(out.aux["exit_loops"].tolist() if "exit_loops" in out.aux else [])
+    return logits, loops, exits
 
 
 _CHILD = textwrap.dedent('''
@@ -102,6 +114,7 @@ _CHILD = textwrap.dedent('''
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    EXIT_CAP = 8
     torch.set_num_threads(int(sys.argv[3]))  # the parent's: the same reduction order, the same bits
     job = torch.load(sys.argv[1])
     results = {}
@@ -124,6 +137,10 @@ _CHILD = textwrap.dedent('''
                 steps.append(out.logits[:, -1])
             res["decode"] = steps
             res["default_loops"] = model(spec["ids"]).logits
+            res["exits"] = []
+            for kw in spec["exits"]:  # the per-row adaptive exit without a cache
+                logits = model(spec["ids"], num_loops=EXIT_CAP, **kw).logits
+                res["exits"].append((logits, model.model.exit_loops.tolist()))
         results[name] = res
     torch.save(results, sys.argv[2])
 ''')
@@ -148,11 +165,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
             logits = {t: model(ids, **({} if t is None else {"num_loops": t})).logits for t in loops}
             default = model(ids).logits
         generated = model.generate(prompt, 10, **gen_kw)
-        decode_logits, decode_loops = _cached_decode(model, generated, prompt.shape[1], **gen_kw)
+        decode_logits, decode_loops, decode_exits = _cached_decode(model, generated, prompt.shape[1], **gen_kw)
+        exits = []
+        for kw in EXITS.get(name, []):
+            with torch.no_grad():
+                res = model(ids, num_loops=EXIT_CAP, **kw)
+            exits.append((res.logits, res.aux["exit_loops"].tolist()))
         ours[name] = {"model": model, "logits": logits, "generate": generated, "decode": decode_logits,
-                      "decode_loops": decode_loops, "default_loops": default}
+                      "decode_loops": decode_loops, "decode_exits": decode_exits, "default_loops": default,
+                      "exits": exits}
         job[name] = {"dir": str(out), "ids": ids, "prompt": prompt, "new": 10, "loops": loops,
-                     "gen_loops": GEN_LOOPS if rdt else None, "decode": generated}
+                     "gen_loops": GEN_LOOPS if rdt else None, "decode": generated, "exits": EXITS.get(name, [])}
     torch.save(job, root / "job.pt")
     (root / "child.py").write_text(_CHILD)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
@@ -211,6 +234,20 @@ def test_hf_export_generates_like_ours(exported: dict, name: str) -> None:
                                    msg=lambda m, step=step: f"{name} step {step}: {m}")
     if name in ("rdt-options", "rdt-kl-exit"):  # exits at different depths: later steps read filled slots
         assert min(ours["decode_loops"]) < GEN_LOOPS and len(set(ours["decode_loops"])) > 1, ours["decode_loops"]
+        # and per row: in some step the two rows of the batch exit at different iterations
+        assert any(len(set(step)) > 1 for step in ours["decode_exits"]), ours["decode_exits"]
+
+
+@pytest.mark.parametrize("name", list(EXITS))
+def test_hf_export_exits_per_row_like_ours(exported: dict, name: str) -> None:
+    """The exported per-row adaptive exit (``exit_kl`` / ``exit_act`` on ``forward``, no cache):
+    every row exits at our iteration and gets our logits, with the two rows of the batch exiting
+    at different iterations (so a batch-wide stop, or one iteration late, would show)."""
+    ours, theirs = exported[name]["ours"], exported[name]["theirs"]
+    assert len(theirs["exits"]) == len(ours["exits"]) == len(EXITS[name])
+    for kw, (want, want_t), (got, got_t) in zip(EXITS[name], ours["exits"], theirs["exits"], strict=True):
+        assert got_t == want_t and len(set(want_t)) > 1 and max(want_t) < EXIT_CAP, (kw, want_t, got_t)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, kw=kw: f"{name} {kw}: {m}")
 
 
 def test_hf_code_imports_only_torch_and_transformers() -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mythos.eval.multihop import EXIT_ACT, adaptive_answer, evaluate_multihop, exit_kl_key
 from mythos.model import build_model
 from mythos.model.config import ACTConfig, LoopConfig, ModelConfig
+from mythos.model.layers import KVCache
 
 LOOPS = LoopConfig(schedule="fixed", mean=4, bwd_depth=0, max_loops=64)
 
@@ -150,3 +152,138 @@ def test_bad_exit_options_are_one_line_errors() -> None:
     with pytest.raises(ValueError, match="max_loops"):
         adaptive_answer(model, torch.tensor([[3, 4]]), max_loops=0)
     assert EXIT_ACT == "exit-act"
+
+
+# ----------------------------------------------------------------------------- the model's own exit
+# (RDT._trunk_adaptive: forward / generate with exit_kl=, exit_act=, num_loops= as the cap)
+
+
+def test_exited_rows_leave_the_active_set() -> None:
+    """The core runs on the rows still looping only: at iteration t it sees #{i: T_i > t} rows,
+    so the batch runs sum_i T_i core row-iterations (``loops_executed`` = their mean) instead of
+    B * cap, while every row exits where the fixed-T runs say it should."""
+    model, x, top = _rdt(), _prompts(12), 24
+    _, thr, first = _reference(model, x, top, act=False)
+    rows: list[int] = []
+    hook = model.core[0].register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    with torch.no_grad():
+        out = model(x, num_loops=top, exit_kl=thr)
+    hook.remove()
+    exits = out.aux["exit_loops"].tolist()
+    assert exits == first
+    assert rows == [sum(t > k for t in exits) for k in range(max(exits))], rows
+    assert out.aux["loops_executed"].item() == pytest.approx(sum(exits) / len(exits))
+    assert sum(exits) < len(exits) * top and out.aux["loops_run"].item() == max(exits)
+    # the KL criterion's readouts: one per active row per iteration (none at the last one)
+    assert out.aux["exit_evals"].item() == sum(rows) - sum(t == top for t in exits)
+
+
+def test_act_exit_costs_what_its_rows_cost_alone_and_changes_nothing() -> None:
+    """The ACT exit is lossless (a row whose positions all halted can no longer change): its
+    logits are fixed T = cap's, and its FLOPs (counted) are exactly those of each row run alone
+    at its own exit T, below the fixed-T batch's."""
+    model, x, top = _rdt(act=True), _prompts(12), 24
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        out = model(x, num_loops=top, exit_act=True)
+    exits = out.aux["exit_loops"].tolist()
+    assert len(set(exits)) > 1 and max(exits) < top
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(x, num_loops=top).logits, rtol=1e-4, atol=1e-4)
+        with FlopCounterMode(display=False) as fixed:
+            model(x, num_loops=top)
+        alone = 0
+        for i, t in enumerate(exits):
+            with FlopCounterMode(display=False) as one:
+                ref = model(x[i : i + 1], num_loops=t).logits
+            alone += one.get_total_flops()
+            torch.testing.assert_close(out.logits[i], ref[0], rtol=1e-4, atol=1e-4)
+    assert fc.get_total_flops() == alone < fixed.get_total_flops()
+
+
+def test_exit_on_all_positions_scores_each_row_at_its_t() -> None:
+    """``exit_positions="all"`` (scoring whole sequences): a row exits once the largest KL over its
+    positions is below the threshold, and every position's logits, and its loss, are those of
+    fixed T = its exit T."""
+    model, x, top = _rdt(), _prompts(12), 24
+    with torch.no_grad():
+        ref = [model(x, num_loops=t).logits.float() for t in range(1, top + 1)]  # [B, S, V] each
+    logp = [torch.log_softmax(r, -1) for r in ref]
+    kl = torch.stack([(lp.exp() * (lp - prev)).sum(-1).amax(-1) for prev, lp in zip(logp, logp[1:])], 1)
+    thr = float(kl[:, : top // 2].min(1).values.median())
+    first = [next((t + 2 for t in range(top - 1) if kl[i, t] < thr), top) for i in range(len(x))]
+    assert len(set(first)) > 1
+    with torch.no_grad():
+        out = model(x, labels=x, num_loops=top, exit_kl=thr, exit_positions="all", return_logits=True)
+    assert out.aux["exit_loops"].tolist() == first
+    for i, t in enumerate(first):
+        torch.testing.assert_close(out.logits[i], ref[t - 1][i], rtol=1e-4, atol=1e-4)
+    want = sum(torch.nn.functional.cross_entropy(ref[t - 1][i], x[i], reduction="sum") for i, t in enumerate(first))
+    torch.testing.assert_close(out.ce_sum, want, rtol=1e-4, atol=1e-3)
+
+
+def _decode_exits(model: torch.nn.Module, seq: torch.Tensor, prompt_len: int, **kw) -> tuple[list, list]:
+    """Cached decoding of ``seq`` (prompt, then a token a step): last-position logits and each
+    row's exit T per step."""
+    cache, logits, exits = KVCache(), [], []
+    with torch.no_grad():
+        for end in range(prompt_len, seq.shape[1] + 1):
+            out = model(seq[:, (0 if end == prompt_len else end - 1):end], cache=cache, **kw)
+            logits.append(out.logits[:, -1])
+            exits.append(out.aux["exit_loops"].tolist())
+    return logits, exits
+
+
+def test_cached_decoding_exits_per_row_as_each_row_alone() -> None:
+    """Per-token exit with the KV cache: a batch generates, token for token, what each row
+    generates alone with the same exit, its rows exit at different iterations within one step,
+    and the prompt step's logits are fixed T = the row's exit T (nothing cached before)."""
+    model, x, cap, thr = _rdt(), _prompts(6, 5), 12, 3e-2
+    kw = {"num_loops": cap, "exit_kl": thr}
+    batch = model.generate(x, 5, **kw)
+    for i in range(len(x)):
+        assert torch.equal(model.generate(x[i : i + 1], 5, **kw)[0], batch[i]), i
+    logits, exits = _decode_exits(model, batch, x.shape[1], **kw)
+    assert any(len(set(step)) > 1 for step in exits) and min(min(s) for s in exits) < cap, exits
+    with torch.no_grad():
+        for i, t in enumerate(exits[0]):
+            torch.testing.assert_close(logits[0][i], model(x, num_loops=t).logits[i, -1], rtol=1e-4, atol=1e-4)
+    for i in range(len(x)):  # per-step logits too (to round-off: batched attention sums differently)
+        alone, alone_exits = _decode_exits(model, batch[i : i + 1], x.shape[1], **kw)
+        assert [s[0] for s in alone_exits] == [s[i] for s in exits]
+        for got, want in zip(logits, alone, strict=True):
+            torch.testing.assert_close(got[i], want[0], rtol=1e-3, atol=1e-3)
+
+
+def test_skipped_iterations_cache_the_exit_iterations_keys_and_values() -> None:
+    """The fill-in: after a cached forward, row i's cache slots of the iterations it skipped hold
+    its keys/values of its exit iteration T_i (later tokens attend to those), and the iterations
+    it ran hold their own (each differs from the one before)."""
+    model, x, cap = _rdt(), _prompts(6, 5), 12
+    cache = KVCache()
+    with torch.no_grad():
+        exits = model(x, cache=cache, num_loops=cap, exit_kl=3e-2).aux["exit_loops"].tolist()
+    assert len(set(exits)) > 1 and min(exits) < cap
+    layer = model.core_layer_offset
+    for i, t_exit in enumerate(exits):
+        for kv in (0, 1):
+            slots = [cache.store[(t, layer)][kv][i] for t in range(cap)]
+            for t in range(1, cap):
+                if t >= t_exit:
+                    assert torch.equal(slots[t], slots[t_exit - 1]), (i, t)
+                else:
+                    assert not torch.allclose(slots[t], slots[t - 1]), (i, t)
+
+
+def test_the_model_exit_refuses_what_it_cannot_do() -> None:
+    model, x = _rdt(), _prompts(2)
+    with pytest.raises(ValueError, match="exit_act"):
+        model(x, exit_act=True)
+    with pytest.raises(ValueError, match="exit_positions"):
+        model(x, exit_kl=1e-3, exit_positions="first")
+    with pytest.raises(ValueError, match="loop_counts"):
+        model(x, exit_kl=1e-3, loop_counts=torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="exit_kl must be >= 0"):
+        model(x, exit_kl=-1.0)
+    model.train()
+    with pytest.raises(ValueError, match="inference option"):
+        model(x, exit_kl=1e-3)
