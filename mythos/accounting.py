@@ -73,7 +73,7 @@ from mythos.model.config import LoopConfig, ModelConfig
 from mythos.model.loops import executed_loops as step_executed_loops
 from mythos.model.loops import expected_loops, sample_loop_counts
 from mythos.model.moe import MoE
-from mythos.train.config import load_run_config
+from mythos.train.config import RunConfig, load_run_config
 
 # ---------------------------------------------------------------------------------------------
 # parameters
@@ -336,8 +336,38 @@ def flops_per_token(
     )
 
 
+
+@dataclass(frozen=True)
+class ArmCosts:
+    params: int
+    non_embedding: int
+    model: float
+    executed: float
+    hardware: float
+    loops_expected: float | None
+    loops_executed: float | None
+
+
+def arm_costs(cfg: RunConfig, seq_len: int) -> ArmCosts:
+    """Parameter count and the three FLOPs-per-token figures of one run config: model (the RDT at
+    E[T]), executed (the loops the hardware runs for a global batch) and hardware (+ recompute).
+    The one cost model the planner (mythos.plan) and the dry run (mythos.train.dryrun) share."""
+    model = build_model(cfg.model, device="meta")
+    pc = count_params(cfg.model, model)
+    fpt = flops_per_token(cfg.model, seq_len, model=model)
+    if cfg.model.kind == "rdt":
+        n, k = executed_loops(cfg.model.loops, cfg.train.global_batch_size)
+        exe = flops_per_token(cfg.model, seq_len, loops_mean=n, bwd_loops_mean=k, model=model)
+        hw = flops_per_token(cfg.model, seq_len, loops_mean=n, bwd_loops_mean=k, include_recompute=True,
+                             model=model)
+        return ArmCosts(pc.total, pc.non_embedding, fpt.total, exe.total, hw.total, fpt.loops, n)
+    hw = flops_per_token(cfg.model, seq_len, include_recompute=True, model=model)
+    return ArmCosts(pc.total, pc.non_embedding, fpt.total, fpt.total, hw.total, None, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # MFU
+
 
 #: Dense (no sparsity) bf16 tensor-core peak per device, FLOP/s, from vendor datasheets. Matched
 #: in order against ``torch.cuda.get_device_name()``, so specific variants come first.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mythos.config import ConfigError
+from mythos.run_dir import COMPLETE, EXPORTED_WEIGHTS, TAG_RE, checkpoints, is_complete, list_tags
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -148,26 +149,22 @@ def prepare_out_dir(out: str | Path, option: str = "--out") -> Path:
     return path
 
 
-EXPORTED_WEIGHTS = "model.safetensors"
-
 
 def resolve_checkpoint(run_dir: str | Path | None, checkpoint: str | Path | None, *,
                        require_complete: bool = True) -> tuple[Path, int]:
     """``(directory, step)`` of ``--checkpoint`` (step -1 when its name is not ``stepNNNNNNN``).
 
     ``checkpoint``: ``None``/``latest`` = the newest *complete* checkpoint under ``RUN/checkpoints``
-    (:func:`mythos.train.checkpoint.list_tags`); a tag name (``step0000200``) under
+    (:func:`mythos.run_dir.list_tags`); a tag name (``step0000200``) under
     ``RUN/checkpoints``; or a path (a tag directory, or a directory written by
     ``python -m mythos.export``). ``require_complete=False`` accepts a tag without the ``COMPLETE``
     marker (the caller warns). Raises a one-line :class:`ConfigError`.
     """
-    from mythos.train import checkpoint as ckpt
-
-    root = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    root = checkpoints(run_dir) if run_dir is not None else None
     if checkpoint is None or str(checkpoint) == "latest":
         if root is None:
             raise ConfigError("--checkpoint latest needs --run RUN_DIR (or pass --checkpoint PATH)")
-        tags = ckpt.list_tags(root)
+        tags = list_tags(root)
         if not tags:
             raise ConfigError(f"no complete checkpoint in {root} (train first, or pass --checkpoint)")
         step, path = tags[-1]
@@ -181,9 +178,9 @@ def resolve_checkpoint(run_dir: str | Path | None, checkpoint: str | Path | None
         if root is None:
             raise ConfigError(f"checkpoint not found: {checkpoint} (expected RUN_DIR/checkpoints/TAG, or pass "
                               "--run RUN_DIR --checkpoint TAG|latest)")
-        have = ", ".join(p.name for _, p in ckpt.list_tags(root)) or "none"
+        have = ", ".join(p.name for _, p in list_tags(root)) or "none"
         raise ConfigError(f"checkpoint '{checkpoint}' not found in {root} (complete checkpoints: {have})")
-    if require_complete and not ckpt.is_complete(path):
-        raise ConfigError(f"checkpoint {path} has no {ckpt.COMPLETE} marker (a partial save); pick another tag")
-    m = ckpt.TAG_RE.match(path.name)
+    if require_complete and not is_complete(path):
+        raise ConfigError(f"checkpoint {path} has no {COMPLETE} marker (a partial save); pick another tag")
+    m = TAG_RE.match(path.name)
     return path, int(m.group(1)) if m else -1

@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from mythos.accounting import PAIR_RATIO_ROWS, PAIR_SHARE_ROWS, pair_ratios, ratio_flags
-from mythos.compare import CompareError, Run, data_check
 from mythos.config import ConfigError, from_dict, load_yaml
 from mythos.model.build import load_model_config
 from mythos.model.config import ModelConfig
+from mythos.run_dir import RESOLVED_CONFIG
+from mythos.runs import CompareError, Run, data_check
 
 ARMS = ("a", "b")
 #: The pair the analogue stands in for, at its training context.
@@ -43,7 +44,7 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def seed_of(run: Run) -> str | None:
     """``"seed N"`` from ``train.seed`` in the run's ``config.resolved.yaml``; None when not readable."""
     try:
-        seed = (load_yaml(run.path / "config.resolved.yaml").get("train") or {}).get("seed")
+        seed = (load_yaml(run.path / RESOLVED_CONFIG).get("train") or {}).get("seed")
     except ConfigError:
         return None
     return f"seed {seed}" if seed is not None else None
@@ -107,7 +108,7 @@ def check_arms(a: Sequence[Run], b: Sequence[Run], what: str) -> list[str]:
 
 def run_model_config(run: Run) -> ModelConfig:
     """The model config a run trained (its ``config.resolved.yaml``)."""
-    path = run.path / "config.resolved.yaml"
+    path = run.path / RESOLVED_CONFIG
     try:
         return from_dict(ModelConfig, load_yaml(path).get("model") or {}, source=path)
     except ConfigError as exc:

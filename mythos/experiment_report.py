@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
-from mythos.compare import CompareError, Run, budget_check, fmt_cell, load_run
+from mythos.compare import fmt_cell
 from mythos.config import ConfigError
 from mythos.experiment_lm import ARMS, check_arms, comparison, loop_use, ratio_table, run_model_config, trend
 from mythos.experiment_multihop import (
@@ -48,6 +48,7 @@ from mythos.experiment_multihop import (
 )
 from mythos.experiment_plots import plot_loops, plot_loss, plot_multihop, plot_scaling
 from mythos.io import atomic_write_text
+from mythos.runs import CompareError, Run, budget_check, load_run
 
 # ---------------------------------------------------------------------------------------------
 # LM sections of report.md

@@ -67,6 +67,7 @@ from mythos.hf.files import (  # noqa: F401 - check_hf_tokenizer, hf_generation_
 from mythos.model.base import CausalLM
 from mythos.model.build import build_model
 from mythos.model.config import ModelConfig
+from mythos.run_dir import COMPLETE, RESOLVED_CONFIG
 
 CONFIG_YAML = "config.yaml"
 
@@ -258,7 +259,7 @@ def model_config_from_file(path: str | Path) -> ModelConfig:
 
 
 def _find_run_config(run_dir: Path) -> Path:
-    for name in ("config.resolved.yaml", "config.yaml"):
+    for name in (RESOLVED_CONFIG, CONFIG_YAML):
         if (run_dir / name).is_file():
             return run_dir / name
     raise FileNotFoundError(f"no config.resolved.yaml or config.yaml in {run_dir}; pass --model-config")
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, _ = resolve_checkpoint(args.run, args.checkpoint, require_complete=False)
         if (ckpt / WEIGHTS_NAME).is_file():
             raise ValueError(f"{ckpt} is already an exported model directory (nothing to consolidate)")
-        if not (ckpt / "COMPLETE").is_file():  # the trainer's marker, written after every rank saved
+        if not (ckpt / COMPLETE).is_file():  # the trainer's marker, written after every rank saved
             print(f"warning: {ckpt} has no COMPLETE marker; it may be a partial save", file=sys.stderr)
         run_dir = Path(args.run) if args.run is not None else ckpt.parent.parent  # RUN_DIR/checkpoints/TAG
         cfg = model_config_from_file(args.model_config or _find_run_config(run_dir))

@@ -45,11 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mythos.accounting import count_params, executed_loops, flops_per_token
+from mythos.accounting import arm_costs
 from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
 from mythos.config import ConfigError, dump_yaml, to_dict
 from mythos.io import atomic_write_text
-from mythos.model.build import build_model
 from mythos.train.config import RunConfig, load_run_config
 
 MATCHES = ("tokens", "compute", "tokens-per-param")
@@ -106,32 +105,6 @@ def seq_len_of(cfg: RunConfig, override: int) -> int:
         return load_manifest(cfg.data.shards).seq_len
     except ConfigError:
         return cfg.model.max_seq_len
-
-
-@dataclass(frozen=True)
-class _Costs:
-    params: int
-    non_embedding: int
-    model: float
-    executed: float
-    hardware: float
-    loops_expected: float | None
-    loops_executed: float | None
-
-
-def arm_costs(cfg: RunConfig, seq_len: int) -> _Costs:
-    """Parameter count and the three FLOPs-per-token figures of one run config."""
-    model = build_model(cfg.model, device="meta")
-    pc = count_params(cfg.model, model)
-    fpt = flops_per_token(cfg.model, seq_len, model=model)
-    if cfg.model.kind == "rdt":
-        n, k = executed_loops(cfg.model.loops, cfg.train.global_batch_size)
-        exe = flops_per_token(cfg.model, seq_len, loops_mean=n, bwd_loops_mean=k, model=model)
-        hw = flops_per_token(cfg.model, seq_len, loops_mean=n, bwd_loops_mean=k, include_recompute=True,
-                             model=model)
-        return _Costs(pc.total, pc.non_embedding, fpt.total, exe.total, hw.total, fpt.loops, n)
-    hw = flops_per_token(cfg.model, seq_len, include_recompute=True, model=model)
-    return _Costs(pc.total, pc.non_embedding, fpt.total, fpt.total, hw.total, None, None)
 
 
 def plan(

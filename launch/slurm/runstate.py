@@ -59,13 +59,13 @@ def resolve(config: str, overrides: list[str], world_size: int) -> ResolvedRun:
 def finished(run_dir: Path) -> bool:
     """True when the newest complete checkpoint is the run's last step (so a requeue would
     have nothing left to train)."""
-    from mythos.train import checkpoint as ckpt
+    from mythos.run_dir import RUN_INFO, checkpoints, list_tags
 
-    info = run_dir / "run_info.json"
+    info = run_dir / RUN_INFO
     if not info.is_file():
         return False
     total = int(json.loads(info.read_text())["total_steps"])
-    tags = ckpt.list_tags(run_dir / "checkpoints")
+    tags = list_tags(checkpoints(run_dir))
     return bool(tags) and tags[-1][0] >= total
 
 

@@ -49,9 +49,10 @@ from mythos.cli_common import (
 from mythos.config import ConfigError
 from mythos.eval.device import ArgumentParser, add_device_args
 from mythos.io import atomic_write_text, sha256_file
+from mythos.run_dir import EVAL_RESULTS
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 12, 16, 24, 32)
-RESULTS = Path("eval") / "results.json"
+RESULTS = EVAL_RESULTS
 
 
 BPB_EXACT = "exact per-token UTF-8 bytes from the tokenizer"

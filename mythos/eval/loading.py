@@ -25,11 +25,10 @@ from mythos import cli_common
 from mythos.config import ConfigError, load_config, to_dict
 from mythos.model.base import CausalLM
 from mythos.model.config import ModelConfig
+from mythos.run_dir import RESOLVED_CONFIG, RUN_INFO
 from mythos.train import checkpoint as ckpt
 from mythos.train.config import RunConfig, load_run_config
 from mythos.train.provenance import section_hash
-
-RESOLVED_CONFIG = "config.resolved.yaml"
 
 
 @dataclass
@@ -120,6 +119,6 @@ def load_run(
         _check_shapes(model, state, path, run_dir)
         model.load_state_dict(state, strict=True)
     model.to(dtype=dtype).eval()
-    info_path = run_dir / "run_info.json"
+    info_path = run_dir / RUN_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     return LoadedRun(run_dir, cfg, model, path.name if step >= 0 else str(path), step, info)

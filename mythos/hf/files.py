@@ -17,8 +17,9 @@ from mythos.data.tokenizer import Tokenizer
 from mythos.hf_tokenizer import token_ids, tokenizer_json, write_hf_tokenizer
 from mythos.io import atomic_write
 from mythos.model.config import ModelConfig
+from mythos.run_dir import EXPORTED_WEIGHTS
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = EXPORTED_WEIGHTS
 HF_CONFIG_NAME = "config.json"
 HF_GENERATION_CONFIG_NAME = "generation_config.json"
 

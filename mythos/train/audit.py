@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mythos.io import atomic_write_text
+from mythos.run_dir import CONSUMED, SAMPLES
 
 _GENESIS = hashlib.sha256(b"mythos consumed-data record v1").hexdigest()
 
@@ -59,7 +60,7 @@ class ConsumedRecord:
     """The running record of consumed samples (see the module docstring)."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int, state: dict[str, Any] | None) -> None:
-        self.path = run_dir / "consumed.jsonl"
+        self.path = run_dir / CONSUMED
         self.enabled = enabled
         self.sha = (state or {}).get("sha", _GENESIS)
         self.samples = int((state or {}).get("samples", 0))
@@ -99,7 +100,7 @@ class ConsumedRecord:
 
 def read_consumed_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run's ``consumed.jsonl`` (empty when the run predates the record)."""
-    path = Path(run_dir) / "consumed.jsonl"
+    path = Path(run_dir) / CONSUMED
     if not path.exists():
         return []
     return [r for r in map(json.loads, path.read_text().splitlines()) if r]
@@ -114,7 +115,7 @@ class SampleLog:
     """``train.log_samples``: every step's global sample ids (+ rank 0's own) in samples.jsonl."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int) -> None:
-        self.path, self.enabled = run_dir / "samples.jsonl", enabled
+        self.path, self.enabled = run_dir / SAMPLES, enabled
         if enabled:
             _trim_jsonl(self.path, resume_step)
 

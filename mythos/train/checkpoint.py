@@ -62,9 +62,15 @@ import torch
 from mythos import dist
 from mythos.config import ConfigError
 from mythos.io import atomic_torch_save, atomic_write_text
+from mythos.run_dir import (  # noqa: F401 - the tag rules live with the run-dir names; re-exported here
+    COMPLETE,
+    TAG_RE,
+    is_complete,
+    list_tags,
+    read_marker,
+    tag_for,
+)
 
-TAG_RE = re.compile(r"^step(\d{7,})$")
-COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"  # TAG/universal: the tag converted for another world size (see reshard)
 CORRUPT = ".corrupt-"  # a tag that failed verification is renamed TAG.corrupt-<time> (no TAG_RE match)
 RNG_FORMAT = 1  # version of the tensor-only rng_rank{r}.pt layout
@@ -72,9 +78,6 @@ RNG_FORMAT = 1  # version of the tensor-only rng_rank{r}.pt layout
 _OWNER_RE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")
 _HASH_CHUNK = 8 << 20
 
-
-def tag_for(step: int) -> str:
-    return f"step{step:07d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,20 +131,6 @@ def load_rng(path: Path) -> dict[str, Any]:
     return state
 
 
-def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / COMPLETE).is_file()
-
-
-def list_tags(ckpt_root: Path, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """``(step, dir)`` of checkpoints under ``ckpt_root``, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    out = []
-    for d in ckpt_root.iterdir():
-        m = TAG_RE.match(d.name)
-        if m and d.is_dir() and (is_complete(d) or not complete_only):
-            out.append((int(m.group(1)), d))
-    return sorted(out)
 
 
 def _sha256(path: Path) -> str:
@@ -213,14 +202,6 @@ def check_identity(recorded: dict[str, Any], path: Path, *, model_hash: str, dat
                 f"({recorded.get(key)} vs {now}); resume with the original config, or use a new run_dir"
             )
 
-
-def read_marker(tag_dir: Path) -> dict[str, Any] | None:
-    """The ``COMPLETE`` JSON, or None when it cannot be read or parsed."""
-    try:
-        data = json.loads((tag_dir / COMPLETE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def verify(tag_dir: Path, checksum: bool = True) -> str | None:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mythos.config import ConfigError, dump_yaml
+from mythos.run_dir import checkpoints
 from mythos.train.config import RunConfig, WandbConfig, load_run_config
 
 #: Defaults of the plan's hardware assumptions (H100 SXM dense bf16; a typical large-run MFU).
@@ -98,12 +99,11 @@ def check_resume(cfg: RunConfig, world: int, data_ok: bool = True) -> str:
     """The resume point a start on ``world`` ranks would take (fresh / resume / convert), and the
     launch's identity check of it: the same model, and (``data_ok``: the shards checked out) the
     same data fingerprint."""
-    from pathlib import Path
 
     from mythos.train import reshard
 
     t = cfg.train
-    root = Path(cfg.run_dir) / "checkpoints"
+    root = checkpoints(cfg.run_dir)
     with _no_quarantine():
         rp = reshard.plan_resume(root, t.resume, world, t.global_batch_size, t.micro_batch_size)
     if rp is None:
@@ -142,7 +142,7 @@ def check_wandb_section(cfg: RunConfig) -> str:
 
 def plan_lines(cfg: RunConfig, seq_len: int, steps: int, gpus: int, peak_tflops: float, mfu: float) -> list[str]:
     """Steps, tokens, parameters, FLOPs and GPU-hours (the accounting of ``mythos-plan``)."""
-    from mythos.plan import arm_costs
+    from mythos.accounting import arm_costs
 
     c = arm_costs(cfg, seq_len)
     tokens = steps * cfg.train.global_batch_size * seq_len

@@ -39,3 +39,26 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, ds_config: dict[str
     finally:
         deepspeed.set_optimizer_flags = original
     return engine
+
+
+def step_without_update(engine: Any) -> None:
+    """ZeRO-0 has no ZeRO optimizer to skip a non-finite (or spike-flagged) step for us: drop the
+    gradients (torch's optimizers skip parameters without one) and step with clipping off for this
+    call -- DeepSpeed's fp32 clipping takes its device from the first parameter that has a gradient
+    and fails when none has. The engine's step counters still advance, as on a good step."""
+    for p in engine.module.parameters():
+        p.grad = None
+    clip = engine._config.gradient_clipping
+    engine._config.gradient_clipping = 0.0
+    try:
+        engine.step()
+    finally:
+        engine._config.gradient_clipping = clip
+
+
+def to_device(t: torch.Tensor, device: torch.device, cuda: bool) -> torch.Tensor:
+    """Host batch tensor -> device without a host sync (CUDA: via pinned memory, non-blocking;
+    the loader's workers pin already when ``data.pin_memory``)."""
+    if cuda and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

@@ -1,5 +1,5 @@
 """Validation loss / perplexity / bits per byte on the held-out shards, for the RDT at several
-loop counts. The one implementation behind training's periodic eval (``Trainer.maybe_eval``) and
+loop counts. The one implementation behind training's periodic eval (``mythos.train.periodic_eval.PeriodicEval``) and
 ``python -m mythos.eval``.
 
 Every rank walks its share of the val split (the same number of batches on every rank, so the

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from mythos.io import atomic_write_text
+from mythos.run_dir import METRICS, TENSORBOARD
 
 if TYPE_CHECKING:
     from mythos.train.config import WandbConfig
@@ -29,12 +32,12 @@ class MetricsLogger:
         ``disabled`` a W&B run named ``run_name`` (id derived from ``run_dir`` + name, so a resume
         continues it) gets the same scalars, with ``run_config`` as its config."""
         self.enabled, self.console = enabled, console
-        self.jsonl = run_dir / "metrics.jsonl"
+        self.jsonl = run_dir / METRICS
         self.writer = None
         self.wandb = None
         if not enabled:
             return
-        self._tensorboard_dir = run_dir / "tensorboard" if tensorboard else None
+        self._tensorboard_dir = run_dir / TENSORBOARD if tensorboard else None
         self._open(resume_step)
         if wandb is not None and wandb.mode != "disabled":
             from mythos.train.wandb_log import WandbSink  # imports wandb: only when enabled
@@ -115,3 +118,23 @@ def _si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.0f}"
+
+
+@torch.no_grad()
+def spectral_radius(module: torch.nn.Module, zero_stage: int) -> float:
+    """The RDT injection's spectral radius (ZeRO-3: gathered from its partitions for the read)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.injection.parameters())):
+            return float(module.spectral_radius())
+    return float(module.spectral_radius())
+
+
+def memory_gb(cuda: bool) -> float:
+    """Peak memory of this process: CUDA allocations on GPU, max RSS on CPU (GiB)."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB

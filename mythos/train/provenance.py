@@ -31,10 +31,10 @@ import torch
 import mythos
 from mythos.config import dump_yaml, to_dict
 from mythos.io import atomic_write_text
+from mythos.run_dir import DS_CONFIG, RESOLVED_CONFIG, RUN_INFO
 from mythos.train.config import RunConfig
 from mythos.train.ds_config import write_ds_config
 
-RUN_INFO = "run_info.json"
 # the facts that may change from one segment to the next (a resume on another world size, a
 # newer commit, another node); copied from the record into its segment
 SEGMENT_FACTS = ("world_size", "zero_stage", "git_commit", "host", "resumed_from", "torch", "deepspeed", "bf16")
@@ -112,6 +112,6 @@ def end_segment(run_dir: Path, step: int) -> None:
 def write_run_files(run_dir: Path, cfg: RunConfig, ds_config: dict[str, Any], info: dict[str, Any]) -> None:
     """Atomically write the three provenance files into ``run_dir`` (created if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.resolved.yaml", dump_yaml(cfg))
-    write_ds_config(ds_config, run_dir / "ds_config.json")
+    atomic_write_text(run_dir / RESOLVED_CONFIG, dump_yaml(cfg))
+    write_ds_config(ds_config, run_dir / DS_CONFIG)
     atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from mythos.io import atomic_write_text
+from mythos.run_dir import ROLLBACKS, list_tags
+from mythos.train import checkpoint as ckpt
 from mythos.train.config import SpikeConfig
-
-ROLLBACKS = "rollbacks.json"
 
 
 class SpikeDetector:
@@ -70,6 +70,29 @@ class SpikeDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.cfg.window)
         self.flagged_total = int(state.get("flagged_total", 0))
+
+
+class RollbackImpossible(RuntimeError):
+    """No rollback is possible (no good checkpoint, or the cap reached); one line saying so."""
+
+
+def plan_rollback(ckpt_root: Path, flagged: list[int], events: list[dict[str, Any]], cfg: SpikeConfig,
+                  step: int) -> tuple[Path, dict[str, Any]]:
+    """``(checkpoint, event)`` of the rollback after the flagged steps ``flagged`` (1-based, in a
+    row, the last one ``step``): the newest complete checkpoint before ``flagged[0]`` that
+    verifies (sizes and sha256, as a resume checks). Raises :class:`RollbackImpossible` when
+    there is none, or ``cfg.max_rollbacks`` rollbacks were made already."""
+    good = [(s, d) for s, d in list_tags(ckpt_root) if s < flagged[0] and ckpt.verify(d) is None]
+    if len(events) >= cfg.max_rollbacks or not good:
+        where = good[-1][1] if good else "none before the spike"
+        why = (f"{len(events)} rollbacks already (train.spike.max_rollbacks={cfg.max_rollbacks})" if good
+               else "no complete checkpoint before the spike to roll back to (lower train.save_interval)")
+        raise RollbackImpossible(f"stopping: loss spikes at steps {flagged} and {why}; last good checkpoint: "
+                                 f"{where}; lower optim.lr or check the data")
+    to_step, path = good[-1]
+    return path, {"detected_at": step, "flagged_steps": list(flagged), "checkpoint": path.name, "to_step": to_step,
+                  "skip_from_step": flagged[0], "skip_batches": len(flagged) if cfg.skip_batches else 0,
+                  "lr_factor": cfg.lr_factor}
 
 
 class RollbackLog:

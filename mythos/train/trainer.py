@@ -36,17 +36,18 @@ from mythos.data import IGNORE_INDEX, build_train_loader, build_val_loader
 from mythos.data.order import Position
 from mythos.model import build_model
 from mythos.model.loops import executed_loops
+from mythos.run_dir import ROLLBACKS, checkpoints
 from mythos.train import checkpoint as ckpt
 from mythos.train import reshard
 from mythos.train.audit import ConsumedRecord, SampleLog, ids_checksum, install_forward_fault
 from mythos.train.checks import check_run
 from mythos.train.config import RunConfig
 from mythos.train.ds_config import build_ds_config, use_bf16
-from mythos.train.engine import build_engine
-from mythos.train.evaluate import TokenBytes, evaluate
+from mythos.train.engine import build_engine, step_without_update, to_device
 from mythos.train.loop_layout import LoopLayout, h0_noise
-from mythos.train.metrics import MetricsLogger, format_line
+from mythos.train.metrics import MetricsLogger, format_line, memory_gb, spectral_radius
 from mythos.train.optim import lr_multiplier, set_lr
+from mythos.train.periodic_eval import PeriodicEval
 from mythos.train.provenance import (
     end_segment,
     read_run_info,
@@ -56,7 +57,7 @@ from mythos.train.provenance import (
     write_run_files,
 )
 from mythos.train.signals import StopFlag
-from mythos.train.spikes import ROLLBACKS, RollbackLog, SpikeDetector
+from mythos.train.spikes import RollbackImpossible, RollbackLog, SpikeDetector, plan_rollback
 from mythos.train.throughput import Throughput, device_peak_flops
 
 
@@ -65,18 +66,33 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
+    """One training run on this rank: :meth:`fit` trains to ``total_steps``. Construction runs the
+    phases in order: checks that need no process group (a bad run fails there with one line), the
+    process group and engine, the data, the resume, then the per-run components."""
+
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        t = cfg.train
         # installed first, so a preemption warning that arrives during start-up (process group,
         # model build, resume) is not lost: the first step boundary acts on it
         self.stop = StopFlag()
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = checkpoints(self.run_dir)
+        self._preflight()
+        self._build_engine()
+        self._build_data()
+        # resume, then the per-run components that continue from the resumed step
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_seen = 0.0
+        self.bad_steps_total = 0
+        self.skipped_total = 0
+        self._components(self._maybe_resume() or {})
 
-        # plan: everything that can be checked without a process group is checked first; a
-        # checkpoint from another world size is checked (own message) and converted here (reshard)
-        info = dist.env_info()
+    # ------------------------------------------------------------------ setup
+    def _preflight(self) -> None:
+        """Everything that can be checked without a process group, first; a checkpoint from
+        another world size is checked (own message) and converted here (reshard)."""
+        cfg, t, info = self.cfg, self.cfg.train, dist.env_info()
         self.resume_plan = reshard.plan_resume(self.ckpt_root, t.resume, info.world_size,
                                                t.global_batch_size, t.micro_batch_size)
         self.plan = check_run(cfg, info.world_size)
@@ -85,7 +101,9 @@ class Trainer:
                                 model_hash=section_hash(cfg.model), data_fingerprint=None, require=False)
         reshard.ensure_universal(self.resume_plan, info.rank, t.dist_timeout_s)
 
-        # group: process group, model, engine
+    def _build_engine(self) -> None:
+        """The process group, the model (identical init on every rank) and the DeepSpeed engine."""
+        cfg, t = self.cfg, self.cfg.train
         self.info = dist.init_distributed(t.dist_timeout_s)
         self.device, self.cuda = dist.device(), dist.is_cuda()
         self.total_steps = self.plan["steps"]
@@ -107,7 +125,10 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (nothing draws it today)
 
-        # data: the RDT's layout decides which rank / micro-batch runs each sample, by loop count
+    def _build_data(self) -> None:
+        """Loaders, the RDT's loop layout (which rank / micro-batch runs each sample, by loop
+        count), the data fingerprint and the FLOPs accounting."""
+        cfg, t = self.cfg, self.cfg.train
         self.loader = build_train_loader(
             cfg.data, t.global_batch_size, t.micro_batch_size, self.info.rank, self.info.world_size
         )
@@ -125,22 +146,18 @@ class Trainer:
                                      build_model(cfg.model, device="meta"))
         self.flops_per_token = self.throughput.model_flops_per_token
 
-        # resume, then the per-run components that continue from the resumed step
-        self.step = 0
-        self.tokens_seen = 0
-        self.flops_seen = 0.0
-        self.bad_steps_total = 0
-        self.skipped_total = 0
-        client = self._maybe_resume()
-        main = self.info.is_main
+    def _components(self, client: dict[str, Any]) -> None:
+        """The per-run components, continuing from the resumed step (``client``: the checkpoint's
+        client state, empty for a fresh start), and the provenance files (rank 0)."""
+        cfg, t, main = self.cfg, self.cfg.train, self.info.is_main
         self.logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
                                     console=cfg.log.console, resume_step=self.step,
                                     wandb=cfg.log.wandb, run_name=cfg.name, run_config=to_dict(cfg))
-        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step,
-                                       state=(client or {}).get("consumed"))
+        self.periodic_eval = PeriodicEval(cfg, self.val_loader, self.device, self.logger)
+        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step, state=client.get("consumed"))
         self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
-        self.spikes = SpikeDetector(t.spike, (client or {}).get("spikes"))
-        self.streak: list[int] = list(((client or {}).get("spikes") or {}).get("streak", []))  # flagged, in a row
+        self.spikes = SpikeDetector(t.spike, client.get("spikes"))
+        self.streak: list[int] = list((client.get("spikes") or {}).get("streak", []))  # flagged steps, in a row
         self.rollbacks = RollbackLog(self.run_dir, enabled=main, resuming=self.resumed_from is not None)
         if main:
             info = run_info(
@@ -154,7 +171,6 @@ class Trainer:
         if t.inject_inf_forward_steps and main:
             install_forward_fault(self.engine.module, t.inject_inf_forward_steps, lambda: self.step + 1)
 
-    # ------------------------------------------------------------------ setup
     def _maybe_resume(self) -> dict[str, Any] | None:
         """Load the planned checkpoint (if any) into the engine, loader and counters; returns its
         client state. ``self.resumed_from`` is its path (None when starting fresh)."""
@@ -185,20 +201,12 @@ class Trainer:
         """After ``train.spike.rollback_after`` flagged steps in a row: every rank (they all flag
         the same steps) reloads the newest complete, verified checkpoint from before the first of
         them, records the rollback (which batches to skip, the lr factor) and goes on in this job."""
-        sp, flagged = self.cfg.train.spike, list(self.streak)
-        good = [(s, d) for s, d in ckpt.list_tags(self.ckpt_root) if s < flagged[0] and ckpt.verify(d) is None]
-        done = len(self.rollbacks.events)
-        if done >= sp.max_rollbacks or not good:
-            where = good[-1][1] if good else "none before the spike"
-            why = (f"{done} rollbacks already (train.spike.max_rollbacks={sp.max_rollbacks})" if good
-                   else "no complete checkpoint before the spike to roll back to (lower train.save_interval)")
-            raise TrainingStopped(f"stopping: loss spikes at steps {flagged} and {why}; last good checkpoint: {where}; "
-                                  "lower optim.lr or check the data")
-        to_step, path = good[-1]
-        n_skip = len(flagged) if sp.skip_batches else 0
-        self.rollbacks.add({"detected_at": self.step, "flagged_steps": flagged, "checkpoint": path.name,
-                            "to_step": to_step, "skip_from_step": flagged[0], "skip_batches": n_skip,
-                            "lr_factor": sp.lr_factor})
+        sp = self.cfg.train.spike
+        try:
+            path, event = plan_rollback(self.ckpt_root, self.streak, self.rollbacks.events, sp, self.step)
+        except RollbackImpossible as exc:
+            raise TrainingStopped(str(exc)) from None
+        self.rollbacks.add(event)
         client = ckpt.load(self.engine, path, restore_rng=True)  # this world size wrote it (same run)
         ckpt.check_identity(client, path, model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
         self._restore(client, path)
@@ -208,31 +216,11 @@ class Trainer:
         self.logger.rewind(self.step)
         self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step, state=client.get("consumed"))
         self.sample_log = SampleLog(self.run_dir, enabled=main and self.cfg.train.log_samples, resume_step=self.step)
-        self.logger.print(f"rolled back to {path} (step {to_step}) after loss spikes at steps {flagged}: skipping "
-                          f"{n_skip} global batch(es) at step {flagged[0]}, lr x{sp.lr_factor:g} from there "
-                          f"(rollback {done + 1} of at most {sp.max_rollbacks}; {ROLLBACKS})")
+        self.logger.print(f"rolled back to {path} (step {event['to_step']}) after loss spikes at steps "
+                          f"{event['flagged_steps']}: skipping {event['skip_batches']} global batch(es) at step "
+                          f"{event['skip_from_step']}, lr x{sp.lr_factor:g} from there (rollback "
+                          f"{len(self.rollbacks.events)} of at most {sp.max_rollbacks}; {ROLLBACKS})")
 
-    def _step_without_update(self) -> None:
-        """ZeRO-0 has no ZeRO optimizer to skip a non-finite step for us: drop the gradients (torch's
-        optimizers skip parameters without one) and step with clipping off for this call --
-        DeepSpeed's fp32 clipping takes its device from the first parameter that has a gradient
-        and fails when none has. The engine's step counters still advance, as on a good step."""
-        engine = self.engine
-        for p in engine.module.parameters():
-            p.grad = None
-        clip = engine._config.gradient_clipping
-        engine._config.gradient_clipping = 0.0
-        try:
-            engine.step()
-        finally:
-            engine._config.gradient_clipping = clip
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host batch tensor -> device without a host sync (CUDA: via pinned memory, non-blocking;
-        the loader's workers pin already when ``data.pin_memory``)."""
-        if self.cuda and not t.is_pinned():
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ phases
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: float,
@@ -255,7 +243,7 @@ class Trainer:
         set_lr(engine.optimizer, self.base_lrs, lr_mult)
         flagged = False
         for k, micro in enumerate(micro_batches):
-            ids, labels = self._to_device(micro["input_ids"]), self._to_device(micro["labels"])
+            ids, labels = (to_device(micro[k], self.device, self.cuda) for k in ("input_ids", "labels"))
             kwargs: dict[str, Any] = {}
             if layout is not None:
                 mine = counts[micro["positions"]]
@@ -292,7 +280,7 @@ class Trainer:
                     aux_acc[name] = v.detach()
             skipped_before = engine.skipped_steps
             if k == len(micro_batches) - 1 and (n_bad > 0 or flagged) and self.zero_stage == 0:
-                self._step_without_update()
+                step_without_update(engine)
             else:
                 engine.step()
         stats = {"loss": ce_total / max(global_tokens, 1.0), "bad": n_bad > 0, "flagged": flagged}
@@ -313,36 +301,6 @@ class Trainer:
                 stats[f"rdt/{name}"] = v
         return stats
 
-    def maybe_eval(self, force: bool = False) -> dict[str, float]:
-        t = self.cfg.train
-        due = t.eval_interval and self.step % t.eval_interval == 0
-        if not (due or force):
-            return {}
-        if self.val_loader.num_samples == 0:  # never log a fake 0.0 loss / 1.0 ppl; say it once
-            if not getattr(self, "_said_no_val", False):
-                self._said_no_val = True
-                self.logger.print(f"warning: the val split of {self.cfg.data.shards} is empty: no val loss is "
-                                  "logged (re-shard with --val-fraction > 0, or set train.eval_interval=0)")
-            return {}
-        if not hasattr(self, "_token_bytes"):  # bits per byte need the tokenizer; None when it is not found
-            self._token_bytes = TokenBytes.for_shards(self.cfg.data.shards)
-            if self._token_bytes is None:  # say so once, rather than leaving val/bpb silently out
-                self.logger.print(f"warning: the tokenizer of {self.cfg.data.shards} was not found: val/bpb is not "
-                                  "logged (python -m mythos.eval --tokenizer PATH computes it later)")
-        self.engine.eval()
-        try:
-            res = evaluate(
-                self.engine, lambda: iter(self.val_loader), self.cfg.model, self.device,
-                loops=t.eval_loops, max_batches=t.eval_batches, token_bytes=self._token_bytes,
-            )
-        finally:
-            self.engine.train()
-        self.logger.log(self.step, res)
-        self.logger.print(
-            f"eval step {self.step}: " + " | ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in res.items()
-                                                     if k.startswith("val/loss"))
-        )
-        return res
 
     def save(self, data_state: dict[str, Any] | None = None) -> Path:
         client = {
@@ -363,22 +321,6 @@ class Trainer:
         self.logger.print(f"saved checkpoint {path}")
         return path
 
-    @torch.no_grad()
-    def _spectral_radius(self) -> float:
-        module = self.engine.module
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.injection.parameters())):
-                return float(module.spectral_radius())
-        return float(module.spectral_radius())
-
-    def _memory_gb(self) -> float:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**30
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -440,7 +382,7 @@ class Trainer:
                 if t.spike.action == "rollback" and len(self.streak) >= t.spike.rollback_after:
                     self.rollback()
                     continue
-                self.maybe_eval(force=self.step == self.total_steps)
+                self.periodic_eval.maybe(self.engine, self.step, last=self.step == self.total_steps)
                 if (t.save_interval and self.step % t.save_interval == 0) or self.step == self.total_steps:
                     self.save()
             return {"step": self.step, "stopped_on_signal": False}
@@ -482,13 +424,13 @@ class Trainer:
             "train/bad_steps": self.bad_steps_total,
             "train/skipped_updates": self.skipped_total,
             **self.throughput.window_metrics(),
-            "perf/memory_gb": self._memory_gb(),
+            "perf/memory_gb": memory_gb(self.cuda),
         }
         if "grad_norm" in stats:
             m["train/grad_norm"] = float(stats["grad_norm"])
         hist = {}
         if self.cfg.model.kind == "rdt":
-            m["rdt/spectral_radius"] = self._spectral_radius()
+            m["rdt/spectral_radius"] = spectral_radius(self.engine.module, self.zero_stage)
             m.update({k: float(v) for k, v in stats.items() if k.startswith("rdt/")})
             if "hist/act_halt_steps" in stats:
                 h = stats["hist/act_halt_steps"].cpu()

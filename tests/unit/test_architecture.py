@@ -6,6 +6,10 @@
    ``launch``, ``bench`` or ``tests``.
 3. No ``.py`` file is longer than ``MAX_LINES`` unless its first docstring or comment says why
    (contains "long because" or "over 450 lines:").
+4. The core (``CORE``: config, run directory, distributed, I/O, CLI helpers, FLOPs accounting,
+   the model, data and training packages) imports none of the tools built on it (``LIB_TOOLS``:
+   the planner, compare, the experiment report, export and the HF code), not even inside a
+   function; and :mod:`mythos.run_dir`, which every layer uses, imports nothing of mythos.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("mythos", "data_prep", "launch", "bench")
 TOOLS = ("data_prep", "launch", "bench", "tests")
 MAX_LINES = 450
+CORE = ("mythos.config", "mythos.run_dir", "mythos.dist", "mythos.io", "mythos.cli_common", "mythos.accounting",
+        "mythos.model", "mythos.data", "mythos.train")
+LIB_TOOLS = ("mythos.plan", "mythos.compare", "mythos.experiment_report", "mythos.experiment_lm",
+             "mythos.experiment_multihop", "mythos.experiment_plots", "mythos.export", "mythos.hf")
 LONG_REASONS = ("long because", "over 450 lines:")
 
 #: Cycles that exist and are scheduled to be removed (owner: the trainer's maintainers). Each
@@ -207,3 +215,15 @@ def test_long_files_state_why(folder: str) -> None:
         f"files over {MAX_LINES} lines; split them or say why in the first docstring "
         f"({' / '.join(LONG_REASONS)}):\n" + "\n".join(too_long)
     )
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_the_core_never_imports_a_tool() -> None:
+    graph, _ = import_graph()
+    bad = sorted((m, t) for m, targets in graph.items() if _in(m, CORE) for t in targets if _in(t, LIB_TOOLS))
+    assert not bad, "core -> tool imports (move the shared piece into the core, e.g. arm_costs into " \
+        f"accounting): {bad}"
+    assert not [t for t in graph["mythos.run_dir"] if t.startswith("mythos")], graph["mythos.run_dir"]
