@@ -287,3 +287,24 @@ def test_the_model_exit_refuses_what_it_cannot_do() -> None:
     model.train()
     with pytest.raises(ValueError, match="inference option"):
         model(x, exit_kl=1e-3)
+
+
+def test_the_report_states_the_row_iterations_an_exit_saved() -> None:
+    """The experiment report's adaptive-exit rows give core row-iterations per test query: the
+    mean T chosen weighted by each hop count's queries (exited queries cost nothing more), against
+    fixed T = max_loops, with min-max over seeds."""
+    from types import SimpleNamespace
+
+    from mythos.experiment_multihop import _mh_exit_table, _row
+
+    key, hops = exit_kl_key(1e-3), ["1", "2"]
+
+    def run(t1: float, t2: float) -> SimpleNamespace:
+        mh = {"accuracy": {key: {"1": 1.0, "2": 0.5}}, "count": {"1": 3, "2": 1},
+              "exit_loops": {key: {"1": t1, "2": t2}}, "exit_max_loops": 16}
+        return SimpleNamespace(eval={"multihop": mh}, path="run")
+
+    row = _row([run(2.0, 4.0), run(4.0, 8.0)], key, "kl", hops, train_hops=2)
+    assert row["loops_per_query"]["mean"] == pytest.approx((2.5 + 5.0) / 2)  # (2*3 + 4) / 4, (4*3 + 8) / 4
+    lines = _mh_exit_table({"a": {"name": "rdt", "rows": [row]}, "hops": hops})
+    assert any("3.75 per query (2.50-5.00) vs 16 at fixed T = 16: 77% saved" in ln for ln in lines), lines
