@@ -26,16 +26,22 @@ QK-norm and a value embedding added to V -> residual; RMSNorm -> SwiGLU or ReLU^
 layer), laid out as prelude ``j -> j``, coda ``j -> n_prelude + j``, core block ``j`` at
 iteration ``t -> n_prelude + n_coda + t * n_core + j``. Slot 0 is written by every forward, so
 ``get_seq_length()`` is the number of cached positions. Slots for loops beyond the config default
-are added on first use. As in mythos, decoding with a cache stops looping early when every ACT
-position has halted or (``early_exit_kl > 0``) when the next-token distribution of every row
-changed by less than ``early_exit_kl`` (KL) between iterations; the skipped iterations' slots
-then get this step's keys/values of the last computed one, so later tokens attend at every depth.
-Without a cache every forward runs all ``num_loops`` iterations.
+are added on first use. As in mythos, decoding with a cache stops looping each row on its own
+(``MythosModel._adaptive``) once all its ACT positions halted or (``early_exit_kl > 0``) its
+next-token distribution changed by less than ``early_exit_kl`` (KL) between iterations; the
+iterations it skipped get, in their slots, its keys/values of its exit iteration, so later tokens
+attend at every depth. ``forward(..., exit_kl=, exit_act=)`` asks for the same per-row exit
+explicitly (with or without a cache); without a cache and without it, every forward runs all
+``num_loops`` iterations.
 
 **Padding** (which mythos never sees): an ``attention_mask`` with zeros masks those keys (every
 query may also see itself, so a padding query is never fully masked and nothing is NaN): a
 left-padded batch generates what each prompt generates alone (tested). Without zeros in the
 mask, attention takes mythos' own path.
+
+Long because the exported directory must be one self-contained file (remote code next to its
+config): every block option, the three injections, ACT, the KV-cache view and the per-row
+adaptive exit live here, mirroring mythos op for op.
 
 Training-time parts of mythos (sampled per-sequence loop counts, truncated backprop, noise
 ``h_0``) are not part of this file: ``forward`` with ``labels`` runs ``num_loops`` iterations

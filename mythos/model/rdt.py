@@ -29,6 +29,13 @@ old computation (every row runs all ``n``, finished rows discarded by ``torch.wh
 **ACT** (optional) weights the states of a position's iterations by its halting probabilities
 (remainder rule, forced remainder at the last iteration), freezes halted positions, and adds a
 ponder cost; in training it never changes how many core calls run.
+
+**Adaptive exit** (inference, ``exit_kl=`` / ``exit_act=``): each row stops by itself and leaves
+the active set; see :meth:`RDT._trunk_adaptive`.
+
+Long because the trunk's three executions (active rows, masked, the per-row adaptive exit with
+its KV-cache view) share the iteration, ACT and cache code here; split apart they would each
+re-implement the loop body, which is what the parity tests guard against.
 """
 
 from __future__ import annotations
