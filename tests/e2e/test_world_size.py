@@ -106,13 +106,13 @@ def test_no_sample_is_skipped_or_repeated_across_world_sizes(runs: dict) -> None
 
 # ------------------------------------------------------------------ guards (no launcher)
 def _main_in_process(run: Path, shards: Path, world: int, monkeypatch: pytest.MonkeyPatch, capsys,
-                     extra: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+                     extra: tuple[str, ...] = (), config: str = DENSE) -> tuple[int, list[str]]:
     sys.path.insert(0, str(REPO / "launch"))
     import pretrain
 
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", "0")
-    code = pretrain.main(["--config", DENSE, f"run_dir={run}", f"data.shards={shards}", *TINY, *COMMON, *extra])
+    code = pretrain.main(["--config", config, f"run_dir={run}", f"data.shards={shards}", *TINY, *COMMON, *extra])
     assert not torch.distributed.is_initialized()  # failed before any process group
     return code, capsys.readouterr().err.strip().splitlines()
 
@@ -122,11 +122,19 @@ def two_rank_tag(runs: dict) -> Path:
     return runs["root"] / "ref" / "checkpoints" / "step0000003"
 
 
+@pytest.fixture(scope="module")
+def tag_config(runs: dict) -> tuple[str, tuple[str, ...]]:
+    """The config (and model overrides) that wrote ``two_rank_tag``: a resume with another model
+    is refused before any conversion, and the guards under test sit behind that check."""
+    config, extra = CASES[runs["stage"]]
+    return config, (*extra, f"deepspeed.config=configs/deepspeed/zero{runs['stage']}.yaml")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["indivisible", "missing_shard", "corrupt_shard"])
-def test_a_world_size_change_that_cannot_be_honoured_is_one_line(case: str, two_rank_tag: Path, shards: Path,
-                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys) -> None:
+def test_a_world_size_change_that_cannot_be_honoured_is_one_line(case: str, two_rank_tag: Path, tag_config: tuple,
+                                                                 shards: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     tag = tmp_path / "run" / "checkpoints" / two_rank_tag.name
     shutil.copytree(two_rank_tag, tag, ignore=shutil.ignore_patterns(reshard.UNIVERSAL))
     # drop the marker's file records (as written before verification existed): with them, the
@@ -135,7 +143,7 @@ def test_a_world_size_change_that_cannot_be_honoured_is_one_line(case: str, two_
     marker = json.loads((tag / "COMPLETE").read_text())
     marker.pop("files")
     (tag / "COMPLETE").write_text(json.dumps(marker))
-    stage = "deepspeed.config=configs/deepspeed/zero2.yaml"
+    config, extra = tag_config
     world, message = 1, ""
     if case == "indivisible":  # 8 samples per step cannot split over 3 ranks
         world, message = 3, "written by 2 ranks; its global batch 8 (micro batch 2) does not split over 3 ranks"
@@ -145,7 +153,7 @@ def test_a_world_size_change_that_cannot_be_honoured_is_one_line(case: str, two_
     else:
         (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
         message = "cannot convert"
-    code, err = _main_in_process(tmp_path / "run", shards, world, monkeypatch, capsys, (stage,))
+    code, err = _main_in_process(tmp_path / "run", shards, world, monkeypatch, capsys, extra, config)
     errors = [ln for ln in err if ln.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and message in errors[0], err
     assert "resume" in errors[0]  # and it says what to do
