@@ -181,3 +181,24 @@ def unwritable(path: Path):
         if immutable:
             subprocess.run(["chattr", "-i", str(path)], capture_output=True)
         os.chmod(path, 0o755)
+
+
+def random_model(preset: str, overrides: list[str], seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """A model (eval mode) whose every parameter is random and non-trivial: zero-init output
+    projections, zero LoRA B / loop embeddings and unit norm gains would hide a dropped, swapped
+    or misplaced term in an export or a port (matrices ~ N(0, std), vectors ~ N(0, 0.3), norm
+    gains ~ U(0.5, 1.5))."""
+    from mythos.model.build import build_model, load_model_config
+
+    cfg = load_model_config(preset, [*overrides, "zero_init_out=false"])
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.normal_(0.0, 0.3)
+    return model.eval()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import LM_EVAL_MC_TASK
+from train_utils import LM_EVAL_MC_TASK, random_model
 
 from mythos.config import REPO_ROOT, dump_yaml
 from mythos.data.tokenizer import Tokenizer
@@ -29,20 +29,7 @@ _SMALL = ["vocab_size=512", "d_model=64", "n_heads=4", "mlp_hidden=160", "n_laye
 
 
 def _random_model(preset: str, overrides: list[str], seed: int = 0):
-    """A model whose every parameter is random and non-trivial: zero-init output projections and
-    unit norm gains would hide mapping mistakes (a swapped or transposed tensor of zeros/ones)."""
-    cfg = load_model_config(preset, [*overrides, "zero_init_out=false"])
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.05)
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return random_model(preset, overrides, seed, std=0.05)
 
 
 # ----------------------------------------------------------------------------- HF Llama

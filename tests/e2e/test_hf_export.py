@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_utils import random_model
 
 from mythos.config import dump_yaml
 from mythos.export import main
@@ -62,20 +63,7 @@ EXITS = {
 
 
 def _random_model(preset: str, overrides: list[str], seed: int = 0):
-    """Every parameter random and non-trivial (zero-init projections, zero LoRA B / loop
-    embeddings and unit norm gains would hide a dropped or misplaced term)."""
-    cfg = load_model_config(preset, [*overrides, "zero_init_out=false"])
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval()
+    return random_model(preset, overrides, seed, std=0.08)
 
 
 def _cached_decode(model, ids: torch.Tensor, prompt_len: int,

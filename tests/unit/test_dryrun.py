@@ -63,10 +63,12 @@ def test_a_failing_check_is_exit_2_with_its_line(case: str, data_corpus, tmp_pat
         if case == "run_dir_read_only":
             run = tmp_path / "ro" / "run"
         code = dry_run(DENSE, _args(run, shards, *extra), gpus=gpus)
+        cap = capsys.readouterr()
         if case.startswith("run_dir"):  # the launch's start-up refuses it the same way, before a process group
-            launch = subprocess.run([sys.executable, "-m", "mythos.train", "--config", DENSE, *_args(run, shards)],
-                                    cwd=REPO, capture_output=True, text=True, timeout=120)
-    cap = capsys.readouterr()
+            from mythos.train.cli import main
+
+            launch_code = main(["--config", DENSE, *_args(run, shards)])
+            launch_err = capsys.readouterr().err
     assert code == 2
     err = cap.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), cap.err
@@ -82,8 +84,7 @@ def test_a_failing_check_is_exit_2_with_its_line(case: str, data_corpus, tmp_pat
     }[case]
     assert err[0].startswith(expect[0]) and expect[1] in cap.out, (err, cap.out)
     if case.startswith("run_dir"):
-        assert launch.returncode == 2 and launch.stderr.splitlines() == [err[0].replace("run dir: ", "", 1)], \
-            launch.stderr
+        assert launch_code == 2 and launch_err.splitlines() == [err[0].replace("run dir: ", "", 1)], launch_err
 
 
 def test_cli_dry_run_through_the_launch_wrapper(data_corpus, tmp_path: Path) -> None:
