@@ -58,6 +58,7 @@ from mythos.runs import (  # noqa: F401 - re-exported: the reading and checking 
     budget_check,
     data_check,
     elapsed,
+    fmt_cell,
     load_run,
     segments,
 )
@@ -72,12 +73,6 @@ COLORS = ("tab:blue", "tab:orange")
 def _median(rows: list[dict[str, float]], key: str) -> float | None:
     vals = [r[key] for r in rows if key in r and math.isfinite(r[key])]
     return statistics.median(vals) if vals else None
-
-
-def fmt_cell(x: Any, spec: str = ".4f") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return format(x, spec)
 
 
 def summarize(run: Run) -> dict[str, Any]:

@@ -28,8 +28,11 @@ from mythos.train.audit import read_consumed_rows
 from mythos.train.spikes import read_rollbacks
 
 
-def _fmt(x: Any, spec: str) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+def fmt_cell(x: Any, spec: str = ".4f") -> str:
+    """``format(x, spec)``, or ``n/a`` for a missing or non-finite number (every report table)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, spec)
 
 
 class CompareError(Exception):
@@ -174,8 +177,8 @@ def budget_check(a: Run, b: Run) -> tuple[str | None, str]:
         return "tokens", f"matched tokens: {int(ta):,} in both runs{tail}"
     if fa and fb and abs(fa / fb - 1) <= COMPUTE_TOLERANCE:
         return "compute", f"matched compute: model FLOPs {fa:.3e} vs {fb:.3e} ({100 * (fa / fb - 1):+.2f}%){tail}"
-    return None, (f"unmatched budgets: {_fmt(ta, ',.0f')} vs {_fmt(tb, ',.0f')} tokens and model FLOPs "
-                  f"{_fmt(fa, '.3e')} vs {_fmt(fb, '.3e')} (neither matched tokens nor compute within "
+    return None, (f"unmatched budgets: {fmt_cell(ta, ',.0f')} vs {fmt_cell(tb, ',.0f')} tokens and model FLOPs "
+                  f"{fmt_cell(fa, '.3e')} vs {fmt_cell(fb, '.3e')} (neither matched tokens nor compute within "
                   f"{100 * COMPUTE_TOLERANCE:g}%){tail}")
 
 

@@ -256,6 +256,11 @@ class TrainLoader:
         self._it = None  # the stream (and any workers) restart at the new position
 
     @property
+    def skipped_batches(self) -> int:
+        """Global batches passed over by :meth:`skip` so far (never trained on)."""
+        return self._skipped
+
+    @property
     def batches_drawn(self) -> int:
         """Global batches taken from the order so far, skipped ones included (0-based index of the
         next one)."""

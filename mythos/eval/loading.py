@@ -98,14 +98,14 @@ def load_run(
 ) -> LoadedRun:
     """Config + model of ``run_dir`` at ``checkpoint`` (default: the newest complete one), built
     on ``device`` from the fp32 master weights and then cast to ``dtype`` (as training's bf16 does)."""
-    from mythos.export import consolidate_deepspeed, load_consolidated
+    from mythos.export import CONFIG_YAML, consolidate_deepspeed, load_consolidated
     from mythos.model import build_model
 
     run_dir = Path(run_dir)
     cfg = load_run_config_from_dir(run_dir)
     path, step = resolve_checkpoint(run_dir, checkpoint)
     if (path / cli_common.EXPORTED_WEIGHTS).is_file():
-        check_same_model(cfg.model, load_config(ModelConfig, path / "config.yaml"), path, run_dir)
+        check_same_model(cfg.model, load_config(ModelConfig, path / CONFIG_YAML), path, run_dir)
         model = load_consolidated(path, device=device)
     else:
         # the COMPLETE marker names the model that wrote the tag: refuse before merging any shard

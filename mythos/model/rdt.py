@@ -330,13 +330,7 @@ class RDT(CausalLM):
             steps = act.n_updates.detach().long().flatten()
             aux["act_halt_hist"] = torch.zeros(n + 1, dtype=torch.long, device=steps.device).scatter_add_(
                 0, steps, torch.ones_like(steps))
-        if aux_terms:
-            # each call's balance loss is a mean over the rows it ran: weight calls by their rows
-            total = sum(r for _, r in aux_terms)
-            balance = sum(a * (r / total) for a, r in aux_terms if r) / cfg.n_core
-            term = cfg.moe.balance_weight * balance
-            aux_loss = term if aux_loss is None else aux_loss + term
-            aux["moe_balance"] = balance.detach()
+        aux_loss = _add_moe_balance(aux_terms, cfg, aux_loss, aux)
         y = self._finish(h, input_ids, rope, cache)
         if plan is not None and plan.perm is not None:
             y = y[plan.inverse]
@@ -478,13 +472,22 @@ class RDT(CausalLM):
             aux_loss = cfg.act.ponder_weight * ponder
             aux_out["ponder"] = ponder.detach()
             aux_out["act_steps"] = act_steps.mean()
-        if aux_terms:
-            total = sum(r for _, r in aux_terms)
-            balance = sum(a_ * (r / total) for a_, r in aux_terms if r) / cfg.n_core
-            term = cfg.moe.balance_weight * balance
-            aux_loss = term if aux_loss is None else aux_loss + term
-            aux_out["moe_balance"] = balance.detach()
+        aux_loss = _add_moe_balance(aux_terms, cfg, aux_loss, aux_out)
         return self._finish(out, input_ids, rope, cache), aux_loss, aux_out
+
+
+def _add_moe_balance(aux_terms: list[tuple[Tensor, int]], cfg: ModelConfig, aux_loss: Tensor | None,
+                     aux: dict[str, Tensor]) -> Tensor | None:
+    """``aux_loss`` plus the MoE balance term of the core calls ``aux_terms`` (``(loss, rows)``
+    each; a call's balance loss is a mean over the rows it ran, so calls are weighted by rows);
+    records ``aux["moe_balance"]``. Unchanged without MoE calls."""
+    if not aux_terms:
+        return aux_loss
+    total = sum(r for _, r in aux_terms)
+    balance = sum(a * (r / total) for a, r in aux_terms if r) / cfg.n_core
+    term = cfg.moe.balance_weight * balance
+    aux["moe_balance"] = balance.detach()
+    return term if aux_loss is None else aux_loss + term
 
 
 class _RowsCache:

@@ -102,8 +102,8 @@ class RollbackLog:
         self.path = run_dir / ROLLBACKS
         self.enabled = enabled
         self.events: list[dict[str, Any]] = []
-        if resuming and self.path.is_file():
-            self.events = json.loads(self.path.read_text())
+        if resuming:
+            self.events = read_rollbacks(run_dir)
         elif enabled and self.path.exists():
             self.path.unlink()  # a fresh start: an older attempt's record does not apply
 

@@ -154,10 +154,7 @@ class Trainer:
                                     console=cfg.log.console, resume_step=self.step,
                                     wandb=cfg.log.wandb, run_name=cfg.name, run_config=to_dict(cfg))
         self.periodic_eval = PeriodicEval(cfg, self.val_loader, self.device, self.logger)
-        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step, state=client.get("consumed"))
-        self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
-        self.spikes = SpikeDetector(t.spike, client.get("spikes"))
-        self.streak: list[int] = list((client.get("spikes") or {}).get("streak", []))  # flagged steps, in a row
+        self._records(client)
         self.rollbacks = RollbackLog(self.run_dir, enabled=main, resuming=self.resumed_from is not None)
         if main:
             info = run_info(
@@ -171,18 +168,29 @@ class Trainer:
         if t.inject_inf_forward_steps and main:
             install_forward_fault(self.engine.module, t.inject_inf_forward_steps, lambda: self.step + 1)
 
+    def _records(self, client: dict[str, Any]) -> None:
+        """The records that continue from the loaded checkpoint's step (``client``: its client
+        state, empty for a fresh start): consumed data, sample log, the spike window and streak."""
+        main, t = self.info.is_main, self.cfg.train
+        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step, state=client.get("consumed"))
+        self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
+        self.spikes = SpikeDetector(t.spike, client.get("spikes"))
+        self.streak: list[int] = list((client.get("spikes") or {}).get("streak", []))  # flagged steps, in a row
+
     def _maybe_resume(self) -> dict[str, Any] | None:
         """Load the planned checkpoint (if any) into the engine, loader and counters; returns its
         client state. ``self.resumed_from`` is its path (None when starting fresh)."""
         plan = self.resume_plan  # found (and converted for a new world size) before the process group
         self.resumed_from: str | None = None
-        if plan is None:
-            return None
-        path = plan.path
         # per-rank RNG files only mean something on the world size that wrote them; nothing in
         # training draws from the global RNG (RDT: T and h0 come from (seed, step, position))
-        client = ckpt.load(self.engine, path, universal=plan.universal,
-                           restore_rng=plan.saved_world_size == plan.world_size)
+        return None if plan is None else self._load(plan.path, universal=plan.universal,
+                                                    restore_rng=plan.saved_world_size == plan.world_size)
+
+    def _load(self, path: Path, *, universal: bool = False, restore_rng: bool = True) -> dict[str, Any]:
+        """Load checkpoint ``path`` into the engine, refuse another model or data order, restore
+        the counters and loader; returns its client state (resume and rollback alike)."""
+        client = ckpt.load(self.engine, path, universal=universal, restore_rng=restore_rng)
         ckpt.check_identity(client, path, model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
         self._restore(client, path)
         return client
@@ -207,15 +215,9 @@ class Trainer:
         except RollbackImpossible as exc:
             raise TrainingStopped(str(exc)) from None
         self.rollbacks.add(event)
-        client = ckpt.load(self.engine, path, restore_rng=True)  # this world size wrote it (same run)
-        ckpt.check_identity(client, path, model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
-        self._restore(client, path)
-        self.spikes.load_state_dict(client.get("spikes") or {})
-        self.streak = list((client.get("spikes") or {}).get("streak", []))
-        main = self.info.is_main
+        client = self._load(path)  # this world size wrote it (same run): its RNG files apply
         self.logger.rewind(self.step)
-        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step, state=client.get("consumed"))
-        self.sample_log = SampleLog(self.run_dir, enabled=main and self.cfg.train.log_samples, resume_step=self.step)
+        self._records(client)
         self.logger.print(f"rolled back to {path} (step {event['to_step']}) after loss spikes at steps "
                           f"{event['flagged_steps']}: skipping {event['skip_batches']} global batch(es) at step "
                           f"{event['skip_from_step']}, lr x{sp.lr_factor:g} from there (rollback "
@@ -442,7 +444,7 @@ class Trainer:
             m.update({"train/spikes": self.spikes.flagged_total, "train/loss_z": self.spikes.last_z,
                       "train/rollbacks": len(self.rollbacks.events)})
         self.logger.log(self.step, m, histograms=hist)
-        self.consumed.flush(self.step, self.skipped_total, self.loader.state_dict()["skipped_batches"])
+        self.consumed.flush(self.step, self.skipped_total, self.loader.skipped_batches)
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
         self.logger.print(format_line(self.step, self.total_steps, m, eta))
