@@ -36,9 +36,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mythos.export import hf_llama_config, hf_llama_state_dict  # noqa: E402
 from mythos.model.config import ModelConfig  # noqa: E402
 from mythos.model.loss import IGNORE_INDEX  # noqa: E402
+from mythos.tools.export import hf_llama_config, hf_llama_state_dict  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # the peer

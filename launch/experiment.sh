@@ -64,7 +64,7 @@ if has lm; then
   phase "LM plans, sizes {$SIZES}: matched compute and matched tokens (mythos-plan)"
   for size in $SIZES; do
     for match in compute tokens; do
-      "$PY" -m mythos.plan --a "configs/run/rdt-analogue-${size}-cpu.yaml" \
+      "$PY" -m mythos.tools.plan --a "configs/run/rdt-analogue-${size}-cpu.yaml" \
         --b "configs/run/dense-analogue-${size}-cpu.yaml" --match "$match" --out "$OUT/plan-${match}-${size}"
     done
   done
@@ -126,7 +126,7 @@ if has lm; then
     args+=(--mh-a $(mh_runs rdt-chain) --mh-b $(mh_runs dense-chain-l1) --mh-extra $(mh_runs dense-chain)
            --mh-extra $(mh_runs dense-chain-l11))
   fi
-  "$PY" -m mythos.experiment_report --out "$OUT/report" "${args[@]}"
+  "$PY" -m mythos.tools.experiment_report --out "$OUT/report" "${args[@]}"
   echo "report: $OUT/report/report.md (plots beside it)"
 fi
 echo

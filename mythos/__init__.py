@@ -5,7 +5,7 @@ Public API used by scripts and users::
     cfg = mythos.load_model_config("configs/model/rdt-tiny.yaml", overrides=["loops.mean=4"])
     model = mythos.build_model(cfg)
     out = model(input_ids)            # out.logits: [B, S, vocab]
-    mythos.export.to_hf_llama(model, out_dir)   # dense Llama-style models only
+    mythos.tools.export.to_hf_llama(model, out_dir)   # dense Llama-style models only
 """
 
 from mythos.config import ConfigError

@@ -46,17 +46,19 @@ TOOLS: list[tuple[str, list[str], str, list[str]]] = [
     ("eval", ["-m", "mythos.eval"], "mythos.eval.cli:build_parser", ["--run", MISSING]),
     ("lm-eval-adapter", ["-m", "mythos.eval.lm_eval_adapter"], "mythos.eval.lm_eval_adapter:build_parser",
      ["--run", MISSING, "--tasks", "hellaswag", "--loops", "1,x"]),
-    ("export", ["-m", "mythos.export"], "mythos.export:build_parser", ["--run", MISSING, "--out", "{tmp}/out"]),
-    ("plan", ["-m", "mythos.plan"], "mythos.plan:build_parser",
+    ("export", ["-m", "mythos.tools.export"], "mythos.tools.export:build_parser",
+     ["--run", MISSING, "--out", "{tmp}/out"]),
+    ("plan", ["-m", "mythos.tools.plan"], "mythos.tools.plan:build_parser",
      ["--a", f"{MISSING}.yaml", "--b", f"{MISSING}.yaml", "--match", "tokens"]),
-    ("plan-launch", ["launch/plan.py"], "mythos.plan:build_parser",
+    ("plan-launch", ["launch/plan.py"], "mythos.tools.plan:build_parser",
      ["--a", f"{MISSING}.yaml", "--b", f"{MISSING}.yaml", "--match", "compute"]),
-    ("compare", ["-m", "mythos.compare"], "mythos.compare:build_parser",
+    ("compare", ["-m", "mythos.tools.compare"], "mythos.tools.compare:build_parser",
      ["--a", MISSING, "--b", MISSING, "--out", "{tmp}/report"]),
-    ("compare-launch", ["launch/compare.py"], "mythos.compare:build_parser", [MISSING, MISSING, "--out", "{tmp}/r"]),
-    ("experiment-report", ["-m", "mythos.experiment_report"], "mythos.experiment_report:build_parser",
+    ("compare-launch", ["launch/compare.py"], "mythos.tools.compare:build_parser",
+     [MISSING, MISSING, "--out", "{tmp}/r"]),
+    ("experiment-report", ["-m", "mythos.tools.experiment_report"], "mythos.tools.experiment_report:build_parser",
      ["--out", "{tmp}/r", "--lm-a", MISSING, "--lm-b", MISSING]),
-    ("accounting", ["-m", "mythos.accounting"], "mythos.accounting:build_parser", [f"{MISSING}.yaml"]),
+    ("accounting", ["-m", "mythos.tools.flops_table"], "mythos.tools.flops_table:build_parser", [f"{MISSING}.yaml"]),
     ("tasks", ["-m", "mythos.tasks"], "mythos.tasks.build:build_parser",
      ["--config", f"{MISSING}.yaml", "--out", "{tmp}/task"]),
     ("submit", ["launch/slurm/submit.py"], "launch/slurm/submit.py:build_parser",
@@ -173,29 +175,29 @@ def test_new_user_failure_paths_are_one_line(case: str, tmp_path: Path, capsys: 
     rdt, dense = "configs/run/rdt-tiny-cpu.yaml", "configs/run/dense-tiny-cpu.yaml"
     ro = contextlib.nullcontext()
     if case == "compare-itself":
-        cmd, want = ["-m", "mythos.compare", "--a", str(a), "--b", str(tmp_path / "b" / ".." / "a"), "--out",
+        cmd, want = ["-m", "mythos.tools.compare", "--a", str(a), "--b", str(tmp_path / "b" / ".." / "a"), "--out",
                      str(tmp_path / "r")], "compared with itself"
     elif case == "compare-budget":
-        cmd, want = ["-m", "mythos.compare", "--a", str(a), "--b", str(_fake_run(tmp_path / "c", 30)), "--out",
+        cmd, want = ["-m", "mythos.tools.compare", "--a", str(a), "--b", str(_fake_run(tmp_path / "c", 30)), "--out",
                      str(tmp_path / "r")], "unmatched budgets: 10,240 vs 15,360 tokens"
     elif case == "compare-out-file":
-        cmd, want = ["-m", "mythos.compare", "--a", str(a), "--b", str(b), "--out", str(taken)], "is a file"
+        cmd, want = ["-m", "mythos.tools.compare", "--a", str(a), "--b", str(b), "--out", str(taken)], "is a file"
     elif case == "plan-out-file":
-        cmd, want = ["-m", "mythos.plan", "--a", rdt, "--b", dense, "--match", "tokens", "--tokens", "1e5",
+        cmd, want = ["-m", "mythos.tools.plan", "--a", rdt, "--b", dense, "--match", "tokens", "--tokens", "1e5",
                      "--out", str(taken / "plans")], f"lies under the file {taken}"
     elif case == "plan-out-read-only":
         ro = unwritable(tmp_path / "ro")
-        cmd, want = ["-m", "mythos.plan", "--a", rdt, "--b", dense, "--match", "tokens", "--tokens", "1e5",
+        cmd, want = ["-m", "mythos.tools.plan", "--a", rdt, "--b", dense, "--match", "tokens", "--tokens", "1e5",
                      "--out", str(tmp_path / "ro" / "plans")], "is not writable"
     elif case == "report-out-file":
-        cmd, want = ["-m", "mythos.experiment_report", "--out", str(taken), "--lm-a", str(a), "--lm-b", str(b)], \
+        cmd, want = ["-m", "mythos.tools.experiment_report", "--out", str(taken), "--lm-a", str(a), "--lm-b", str(b)], \
             "is a file"
     elif case == "accounting-batch-0":
-        cmd, want = ["-m", "mythos.accounting", rdt, "--global-batch", "0"], "--global-batch"
+        cmd, want = ["-m", "mythos.tools.flops_table", rdt, "--global-batch", "0"], "--global-batch"
     elif case == "accounting-seq-neg":
-        cmd, want = ["-m", "mythos.accounting", rdt, "--seq-len", "-5"], "--seq-len"
+        cmd, want = ["-m", "mythos.tools.flops_table", rdt, "--seq-len", "-5"], "--seq-len"
     elif case == "accounting-empty-loop":
-        cmd, want = ["-m", "mythos.accounting", rdt, "--loops", "1,,2"], "--loops"
+        cmd, want = ["-m", "mythos.tools.flops_table", rdt, "--loops", "1,,2"], "--loops"
     elif case == "train-override-typo":
         cmd, want = ["-m", "mythos.train.cli", "--config", rdt, "--dry-run", "train.max_stpes=3"], \
             "in the command-line override 'train.max_stpes=3'"
@@ -205,7 +207,7 @@ def test_new_user_failure_paths_are_one_line(case: str, tmp_path: Path, capsys: 
     elif case == "train-run-dir-file":
         cmd, want = ["-m", "mythos.train", "--config", rdt, f"run_dir={taken}"], "is a file"
     else:
-        cmd, want = ["-m", "mythos.export", "--run", str(a), "--out", str(taken)], "is a file"
+        cmd, want = ["-m", "mythos.tools.export", "--run", str(a), "--out", str(taken)], "is a file"
     with ro:
         if case == "train-run-dir-file":  # the launch itself: a process that must exit 2 before any group
             proc = _run(cmd)
@@ -279,13 +281,13 @@ def test_resolve_checkpoint(tmp_path: Path) -> None:
 
 def test_compare_positional_alias_and_arm_flags(tmp_path: Path) -> None:
     """``mythos-compare RUN_A RUN_B`` (older) and ``--a/--b`` both parse; mixing them is refused."""
-    from mythos.compare import build_parser
+    from mythos.tools.compare import build_parser
 
     a = build_parser().parse_intermixed_args(["A", "--out", str(tmp_path), "B"])
     assert (a.run_a, a.run_b) == ("A", "B")
     a = build_parser().parse_args(["--a", "A", "--b", "B", "--out", str(tmp_path)])
     assert (a.a, a.b) == ("A", "B")
-    proc = _run(["-m", "mythos.compare", "--a", "A", "B", "--out", str(tmp_path)])
+    proc = _run(["-m", "mythos.tools.compare", "--a", "A", "B", "--out", str(tmp_path)])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not mixed" in proc.stderr
 
 

@@ -3,8 +3,8 @@
 A run directory (written by :class:`mythos.train.trainer.Trainer`) holds ``config.resolved.yaml``,
 ``run_info.json`` and ``checkpoints/stepNNNNNNN/`` DeepSpeed tag directories with a ``COMPLETE``
 marker. :func:`load_run` merges the (possibly ZeRO-partitioned) fp32 master weights with
-:func:`mythos.export.consolidate_deepspeed` -- the same path as ``python -m mythos.export`` -- and
-builds the model on one device in eval mode. A directory written by ``python -m mythos.export``
+:func:`mythos.tools.export.consolidate_deepspeed` -- the same path as ``python -m mythos.tools.export`` -- and
+builds the model on one device in eval mode. A directory written by ``python -m mythos.tools.export``
 (``model.safetensors`` + ``config.yaml``) also works as ``--checkpoint``.
 
 The model is always the *run's*: a checkpoint whose weights or exported config describe another
@@ -22,13 +22,16 @@ from typing import Any
 import torch
 
 from mythos import cli_common
-from mythos.config import ConfigError, load_config, to_dict
+from mythos.config import ConfigError, to_dict
+from mythos.ds_checkpoint import consolidate_deepspeed
 from mythos.model.base import CausalLM
+from mythos.model.build import build_model
 from mythos.model.config import ModelConfig
 from mythos.run_dir import RESOLVED_CONFIG, RUN_INFO
 from mythos.train import checkpoint as ckpt
 from mythos.train.config import RunConfig, load_run_config
 from mythos.train.provenance import section_hash
+from mythos.weights import load_config_of, load_consolidated
 
 
 @dataclass
@@ -98,14 +101,11 @@ def load_run(
 ) -> LoadedRun:
     """Config + model of ``run_dir`` at ``checkpoint`` (default: the newest complete one), built
     on ``device`` from the fp32 master weights and then cast to ``dtype`` (as training's bf16 does)."""
-    from mythos.export import CONFIG_YAML, consolidate_deepspeed, load_consolidated
-    from mythos.model import build_model
-
     run_dir = Path(run_dir)
     cfg = load_run_config_from_dir(run_dir)
     path, step = resolve_checkpoint(run_dir, checkpoint)
     if (path / cli_common.EXPORTED_WEIGHTS).is_file():
-        check_same_model(cfg.model, load_config(ModelConfig, path / CONFIG_YAML), path, run_dir)
+        check_same_model(cfg.model, load_config_of(path), path, run_dir)
         model = load_consolidated(path, device=device)
     else:
         # the COMPLETE marker names the model that wrote the tag: refuse before merging any shard

@@ -10,7 +10,7 @@ A run that is resumed (a requeued SLURM job, a restart after a crash) runs in *s
 ``run_info.json``'s top-level facts describe the latest segment, except ``start_time``, which is
 the run's first start; ``segments`` lists every segment's own facts (start/end time and step,
 world size, ZeRO stage, commit, host, resumed_from), so wall time, tokens/s and device-hours can
-span all of them without counting the time a job sat in the queue (:mod:`mythos.compare`). A
+span all of them without counting the time a job sat in the queue (:mod:`mythos.tools.compare`). A
 segment's ``end_time`` is written at each checkpoint and when training ends; a segment killed
 without warning (SIGKILL, a lost node) keeps the time of its last checkpoint. A fresh start at
 step 0 begins a new history: earlier attempts left nothing this run uses.

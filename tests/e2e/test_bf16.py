@@ -1,7 +1,7 @@
 """bf16 end to end on 2 CPU ranks through the real ``deepspeed`` launcher: both tiny models train
 (RDT under ZeRO-3, dense under ZeRO-2), a checkpoint resumes bit-identically, the NaN guard
 catches an inf raised *inside* the forward (in the RDT's looped core) and skips the update, and
-``python -m mythos.export`` gives fp32 weights that are the master copy of the run's bf16 model."""
+``python -m mythos.tools.export`` gives fp32 weights that are the master copy of the run's bf16 model."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def rdt_zero3(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _export(tag: Path, out: Path) -> Path:
-    proc = subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint", str(tag), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "mythos.tools.export", "--checkpoint", str(tag), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
@@ -64,9 +64,9 @@ def test_export_of_bf16_zero3_rdt_is_the_runs_model(rdt_zero3: Path, shards: Pat
     they are the master weights of the model the run evaluated), and in fp32 they agree with it
     to bf16 tolerance."""
     from mythos.data import build_val_loader
-    from mythos.export import load_consolidated
     from mythos.train.config import load_run_config
     from mythos.train.evaluate import evaluate
+    from mythos.weights import load_consolidated
 
     model = load_consolidated(_export(rdt_zero3 / "checkpoints" / "step0000006", tmp_path / "out")).eval()
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -95,7 +95,8 @@ def test_export_of_bf16_zero3_rdt_is_the_runs_model(rdt_zero3: Path, shards: Pat
 def test_dense_zero2_bf16_export_matches_the_bf16_module(shards: Path, tmp_path: Path) -> None:
     """ZeRO-2 keeps the bf16 module weights in the checkpoint: the export is their fp32 master
     (casting it back gives them bit for bit) and its logits match the bf16 model's."""
-    from mythos.export import clean_state_dict, load_consolidated
+    from mythos.ds_checkpoint import clean_state_dict
+    from mythos.weights import load_consolidated
 
     run = tmp_path / "dense"
     run_training(DENSE, run, shards, [*BF16, "train.max_steps=4"])

@@ -115,7 +115,7 @@ def test_eval_refuses_a_foreign_checkpoint_and_an_unwritable_results_dir(short_r
     write. Both are one line, exit 2, before any evaluation, and nothing is written."""
     from mythos.eval.cli import main
     from mythos.eval.loading import load_run
-    from mythos.export import save_consolidated
+    from mythos.weights import save_consolidated
 
     rdt = load_run(short_runs["rdt"])
     export = save_consolidated(rdt.model, rdt.cfg.model, tmp_path / "rdt-export")

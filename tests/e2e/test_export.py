@@ -20,8 +20,10 @@ from train_utils import LM_EVAL_MC_TASK, random_model
 
 from mythos.config import REPO_ROOT, dump_yaml
 from mythos.data.tokenizer import Tokenizer
-from mythos.export import consolidate_deepspeed, load_consolidated, main, save_consolidated, to_hf_llama
+from mythos.ds_checkpoint import consolidate_deepspeed
 from mythos.model import build_model, load_model_config
+from mythos.tools.export import main, to_hf_llama
+from mythos.weights import load_consolidated, save_consolidated
 
 #: the session-scoped data_corpus (Shakespeare + its BPE tokenizer) and short_runs (real runs)
 
@@ -181,7 +183,7 @@ def test_cli_consolidates_deepspeed_checkpoint(tmp_path: Path, stage: int, data_
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "step1"
-    cli = [sys.executable, "-m", "mythos.export", "--checkpoint", str(ckpt)]
+    cli = [sys.executable, "-m", "mythos.tools.export", "--checkpoint", str(ckpt)]
 
     proc = subprocess.run([*cli, "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)

@@ -28,10 +28,10 @@ import torch
 from train_utils import random_model
 
 from mythos.config import dump_yaml
-from mythos.export import main
-from mythos.hf.export import CODE_DIR, HF_CODE_FILES, to_hf
 from mythos.model import build_model, load_model_config
 from mythos.model.layers import KVCache
+from mythos.tools.export import main
+from mythos.tools.hf.export import CODE_DIR, HF_CODE_FILES, to_hf
 
 pytest.importorskip("transformers")
 
@@ -190,7 +190,7 @@ def test_hf_export_loads_without_mythos(exported: dict, name: str) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mythos"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mythos.MythosForCausalLM"
-    assert theirs["module"].startswith("transformers_modules.")  # the copied file, not mythos.hf
+    assert theirs["module"].startswith("transformers_modules.")  # the copied file, not mythos.tools.hf
     assert theirs["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert theirs["dtype"] == "torch.float32"
 

@@ -25,7 +25,7 @@ from train_utils import (
     wait_for_step,
 )
 
-from mythos.compare import load_run, summarize
+from mythos.tools.compare import load_run, summarize
 from mythos.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -112,26 +112,26 @@ def test_dataloader_workers_change_nothing(zero2_runs: dict[str, Path], shards: 
 
 
 def test_export_of_two_rank_zero_checkpoints(zero2_runs: dict[str, Path], tmp_path: Path) -> None:
-    """`python -m mythos.export` of a real 2-rank ZeRO-2 checkpoint gives the model the run trained:
+    """`python -m mythos.tools.export` of a real 2-rank ZeRO-2 checkpoint gives the model the run trained:
     its val loss (recomputed here from the exported weights) is the val loss the *live* run logged
     at that step -- an independent path, not DeepSpeed's consolidation compared with itself. The
     dense arm also exports to Hugging Face Llama with matching logits."""
     from train_utils import REPO
 
-    from mythos.export import load_consolidated
+    from mythos.weights import load_consolidated
 
     models = {}
     for name, run in zero2_runs.items():
         tag = run / "checkpoints" / "step0000004"
         out = tmp_path / name
-        subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint", str(tag), "--out", str(out)],
+        subprocess.run([sys.executable, "-m", "mythos.tools.export", "--checkpoint", str(tag), "--out", str(out)],
                        cwd=REPO, check=True, capture_output=True, timeout=300)
         models[name] = load_consolidated(out).eval()
         logged = {m["step"]: m["val/loss"] for m in metrics(run) if "val/loss" in m}
         assert val_loss_of(models[name], run) == pytest.approx(logged[4], abs=2e-6), name
     transformers = pytest.importorskip("transformers")
     hf_dir = tmp_path / "hf"
-    subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint",
+    subprocess.run([sys.executable, "-m", "mythos.tools.export", "--checkpoint",
                     str(zero2_runs["dense"] / "checkpoints" / "step0000004"), "--out", str(hf_dir), "--hf-llama"],
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()

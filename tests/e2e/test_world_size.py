@@ -189,11 +189,12 @@ def test_plan_needs_conversion_only_for_zero_shards_of_another_world_size(tmp_pa
 def test_export_after_a_world_size_change_is_the_trained_model(runs: dict, tmp_path: Path) -> None:
     """ZeRO-1/2/3 export of the final checkpoint (2 ranks, after a 1-rank segment): the val loss
     recomputed from the exported weights is the one the live run logged at that step."""
-    from mythos.export import load_consolidated
+    from mythos.weights import load_consolidated
 
     run = runs["root"] / "to2"
     out = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "mythos.export", "--checkpoint", str(run / "checkpoints" / "step0000009"),
-                    "--out", str(out)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "mythos.tools.export",
+                    "--checkpoint", str(run / "checkpoints" / "step0000009"), "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
     logged = {m["step"]: m["val/loss"] for m in metrics(run) if "val/loss" in m}
     assert val_loss_of(load_consolidated(out).eval(), run) == pytest.approx(logged[9], abs=2e-6), runs["stage"]

@@ -14,12 +14,12 @@ from mythos.accounting import (
     count_params,
     executed_loops,
     flops_per_token,
-    main,
     mfu,
     peak_flops_for_device,
     resolve_loops,
 )
 from mythos.model import build_model, load_model_config
+from mythos.tools.flops_table import main
 
 # ----------------------------------------------------------------------------- parameters
 

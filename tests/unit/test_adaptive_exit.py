@@ -295,7 +295,7 @@ def test_the_report_states_the_row_iterations_an_exit_saved() -> None:
     fixed T = max_loops, with min-max over seeds."""
     from types import SimpleNamespace
 
-    from mythos.experiment_multihop import _mh_exit_table, _row
+    from mythos.tools.experiment_multihop import _mh_exit_table, _row
 
     key, hops = exit_kl_key(1e-3), ["1", "2"]
 

@@ -1,4 +1,4 @@
-"""mythos.compare on synthetic run directories: wall time and device-hours across resumed
+"""mythos.tools.compare on synthetic run directories: wall time and device-hours across resumed
 segments (queue gaps excluded, a killed segment ends at its last row, pre-segment records), the
 loss-vs-wallclock axis, and the budget check (matched tokens / compute, unmatched refused or
 labelled, a run against itself refused)."""
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mythos.compare import elapsed, load_run, main, segments, summarize
+from mythos.tools.compare import elapsed, load_run, main, segments, summarize
 
 
 def make_run(path: Path, *, steps: int, tokens_per_step: int = 100, flops_per_token: float = 6e3,

@@ -1,4 +1,4 @@
-"""The LM half of the experiment report (mythos.experiment_lm via mythos-experiment-report): the
+"""The LM half of the experiment report (mythos.tools.experiment_lm via mythos-experiment-report): the
 ratio table against the cluster pair, matched-compute and matched-tokens comparisons at two sizes
 with Welch intervals and verdicts, the loop-use check and the trend -- every number recomputed
 here from the synthetic inputs."""
@@ -16,9 +16,9 @@ import yaml
 
 from mythos.accounting import pair_ratios, ratio_flags
 from mythos.config import to_dict
-from mythos.experiment_lm import t95, welch_interval
-from mythos.experiment_report import main
 from mythos.model.build import load_model_config
+from mythos.tools.experiment_lm import t95, welch_interval
+from mythos.tools.experiment_report import main
 
 SEEDS = (1, 2)
 #: final val loss per (model, seed index); RDT loss-by-loops is built from it below

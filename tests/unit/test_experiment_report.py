@@ -1,4 +1,4 @@
-"""mythos.experiment_report on synthetic run directories: the summary's numbers (recomputed here
+"""mythos.tools.experiment_report on synthetic run directories: the summary's numbers (recomputed here
 independently), the PNGs and report, and the refusals (different data, seeds, plan) as one line."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mythos.experiment_report import main
+from mythos.tools.experiment_report import main
 
 HOPS = [str(h) for h in range(1, 8)]
 TRAIN_HOPS = 4  # not the default 5: the flag must be honoured

@@ -1,4 +1,4 @@
-"""The multi-hop section of mythos.experiment_report on synthetic eval results: the RDT's adaptive
+"""The multi-hop section of mythos.tools.experiment_report on synthetic eval results: the RDT's adaptive
 exit is the primary row (accuracy and chosen T per hop, recomputed here), the oracle T = hops + 1
 row is labelled an upper bound and never primary, the fixed-T sweep and every dense baseline
 (iso-parameters, iso-depth) are reported with seed bands, and mismatched test sets are refused."""
@@ -13,9 +13,14 @@ from typing import Any
 
 import pytest
 
-from mythos.compare import CompareError
-from mythos.experiment_multihop import load_multihop_arms, multihop_console_lines, multihop_lines, multihop_summary
-from mythos.experiment_plots import plot_multihop
+from mythos.tools.compare import CompareError
+from mythos.tools.experiment_multihop import (
+    load_multihop_arms,
+    multihop_console_lines,
+    multihop_lines,
+    multihop_summary,
+)
+from mythos.tools.experiment_plots import plot_multihop
 
 HOPS = [str(h) for h in range(1, 9)]
 TRAIN_HOPS = 5

@@ -2,8 +2,8 @@
 dense baselines, one run per seed each), checked to share one test set, summarised per row
 (adaptive exit, fixed T, the oracle T = hops + 1) and rendered as report.md lines.
 
-Pure functions of runs (``mythos.compare.Run`` with ``eval/results.json``'s ``multihop`` section,
-``mythos-eval --multihop``), used by :mod:`mythos.experiment_report`.
+Pure functions of runs (``mythos.tools.compare.Run`` with ``eval/results.json``'s ``multihop`` section,
+``mythos-eval --multihop``), used by :mod:`mythos.tools.experiment_report`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from mythos.compare import CompareError, Run, fmt_cell, load_run
-from mythos.experiment_lm import ARMS, check_arms
-from mythos.experiment_lm import seed_of as _seed
-from mythos.experiment_lm import stats as _stats
+from mythos.tools.compare import CompareError, Run, fmt_cell, load_run
+from mythos.tools.experiment_lm import ARMS, check_arms
+from mythos.tools.experiment_lm import seed_of as _seed
+from mythos.tools.experiment_lm import stats as _stats
 
 
 def _mh(run: Run) -> dict[str, Any]:

@@ -9,12 +9,12 @@ An LM *comparison* is one RDT arm against one dense arm (one run per seed, same 
 one plan (``mythos-plan``'s plan.json: a size and a matching, ``compute`` or ``tokens``); repeat
 ``--lm-a/--lm-b/--plan`` for every size x matching (`make experiment`: two sizes, both
 matchings, the RDT runs shared by a size's two comparisons). Matched compute is the headline.
-**Identical data is checked, not assumed** (:func:`mythos.compare.data_check`, each a-run against
+**Identical data is checked, not assumed** (:func:`mythos.tools.compare.data_check`, each a-run against
 the b-run of its index and every run against its arm's first): a data difference, a differing
 seed (``train.seed`` in ``config.resolved.yaml``), a run that trained other tokens than its plan,
 or a differing multi-hop test set is refused (exit 2, one line).
 
-The LM numbers (:mod:`mythos.experiment_lm`): the ratio table (the analogue pairs against
+The LM numbers (:mod:`mythos.tools.experiment_lm`): the ratio table (the analogue pairs against
 rdt-770m / dense-1.3b, from :func:`mythos.accounting.pair_ratios`, rows more than 10% off
 flagged), per comparison the gap of the seed means with a 95% Welch interval and the seed noise,
 the loop-use check and the trend over sizes. Multi-hop runs: ``eval/results.json`` with a
@@ -37,18 +37,18 @@ from pathlib import Path
 from typing import Any
 
 from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
-from mythos.compare import fmt_cell
 from mythos.config import ConfigError
-from mythos.experiment_lm import ARMS, check_arms, comparison, loop_use, ratio_table, run_model_config, trend
-from mythos.experiment_multihop import (
+from mythos.io import atomic_write_text
+from mythos.tools.compare import fmt_cell
+from mythos.tools.experiment_lm import ARMS, check_arms, comparison, loop_use, ratio_table, run_model_config, trend
+from mythos.tools.experiment_multihop import (
     load_multihop_arms,
     multihop_console_lines,
     multihop_lines,
     multihop_summary,
 )
-from mythos.experiment_plots import plot_loops, plot_loss, plot_multihop, plot_scaling
-from mythos.io import atomic_write_text
-from mythos.runs import CompareError, Run, budget_check, load_run
+from mythos.tools.experiment_plots import plot_loops, plot_loss, plot_multihop, plot_scaling
+from mythos.tools.runs import CompareError, Run, budget_check, load_run
 
 # ---------------------------------------------------------------------------------------------
 # LM sections of report.md
@@ -194,7 +194,7 @@ def _lm_lines(lm: dict[str, Any]) -> list[str]:
 
 
 def lm_summary(groups: Sequence[tuple[list[Run], list[Run], dict[str, Any] | None]]) -> dict[str, Any]:
-    """The LM section of summary.json: ``comparisons`` (:func:`mythos.experiment_lm.comparison`
+    """The LM section of summary.json: ``comparisons`` (:func:`mythos.tools.experiment_lm.comparison`
     per group), ``ratios`` (the ratio table of the groups' distinct pairs; None when a run has no
     readable model config, with ``ratios_note``), ``loop_use`` per RDT model and ``trend``."""
     comps = [comparison(a, b, plan) for a, b, plan in groups]
@@ -226,7 +226,7 @@ def write_report(out: Path, lm: dict[str, Any], mh: dict[str, Any] | None, data_
                   + "; arm b " + ", ".join(f"`{p}`" for p in c["b"]["runs"])]
     if mh:
         lines += [f"- Multi-hop runs, arm {k}: " + ", ".join(f"`{p}`" for p in mh[k]["runs"]) for k in mh["arms"]]
-    lines += ["- Data checks (mythos.compare.data_check), all passed:", *(f"  - {ln}" for ln in data_lines), ""]
+    lines += ["- Data checks (mythos.tools.compare.data_check), all passed:", *(f"  - {ln}" for ln in data_lines), ""]
     lines += _lm_lines(lm)
     if mh:
         lines += multihop_lines(mh)

@@ -3,8 +3,8 @@
 ::
 
     DIR/config.json                 model_type "mythos", auto_map -> the two files below
-    DIR/configuration_mythos.py     MythosConfig            (copied from mythos/hf/)
-    DIR/modeling_mythos.py          MythosForCausalLM       (copied from mythos/hf/)
+    DIR/configuration_mythos.py     MythosConfig            (copied from mythos/tools/hf/)
+    DIR/modeling_mythos.py          MythosForCausalLM       (copied from mythos/tools/hf/)
     DIR/model.safetensors           our parameter names under "model." (lm_head.weight untied)
     DIR/tokenizer.*, generation_config.json                 (with a tokenizer, as --hf-llama)
 
@@ -34,18 +34,18 @@ from torch import Tensor
 
 from mythos.data.tokenizer import Tokenizer
 from mythos.ds_checkpoint import clean_state_dict
-from mythos.hf.files import (
+from mythos.model.base import CausalLM
+from mythos.model.build import build_model
+from mythos.model.config import ModelConfig
+from mythos.tools.hf.files import (
     HF_CONFIG_NAME,
     WEIGHTS_NAME,
     check_hf_tokenizer,
-    save_tensors,
     write_hub_files,
     write_json,
     write_text,
 )
-from mythos.model.base import CausalLM
-from mythos.model.build import build_model
-from mythos.model.config import ModelConfig
+from mythos.weights import save_tensors
 
 CODE_DIR = Path(__file__).resolve().parent
 HF_CODE_FILES = ("configuration_mythos.py", "modeling_mythos.py")

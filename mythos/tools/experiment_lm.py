@@ -1,8 +1,8 @@
 """The language-modelling half of the experiment report: is the analogue a scale model of the
 cluster pair, and how do RDT and dense compare at matched compute and matched tokens, per size?
 
-Pure functions of runs and plans (``mythos.compare.Run``, ``mythos.plan`` plan.json), used by
-:mod:`mythos.experiment_report`, which writes the markdown and the plots.
+Pure functions of runs and plans (``mythos.tools.compare.Run``, ``mythos.tools.plan`` plan.json), used by
+:mod:`mythos.tools.experiment_report`, which writes the markdown and the plots.
 
 - :func:`ratio_table`: :func:`mythos.accounting.pair_ratios` of the cluster pair and of every
   analogue pair, each analogue row flagged when more than 10% off the cluster's (head shares:
@@ -27,7 +27,7 @@ from mythos.config import ConfigError, from_dict, load_yaml
 from mythos.model.build import load_model_config
 from mythos.model.config import ModelConfig
 from mythos.run_dir import RESOLVED_CONFIG
-from mythos.runs import CompareError, Run, data_check
+from mythos.tools.runs import CompareError, Run, data_check
 
 ARMS = ("a", "b")
 #: The pair the analogue stands in for, at its training context.

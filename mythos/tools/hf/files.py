@@ -1,23 +1,17 @@
 """What every export layout writes: file names, atomic writers, the Hub files (tokenizer and
-``generation_config.json``) and the output-directory check. Used by :mod:`mythos.export`
-(consolidated, ``--hf-llama``) and :mod:`mythos.hf.export` (``--hf``)."""
+``generation_config.json``) and the output-directory check. Used by :mod:`mythos.tools.export`
+(consolidated, ``--hf-llama``) and :mod:`mythos.tools.hf.export` (``--hf``)."""
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from torch import Tensor
-
 from mythos.data.tokenizer import Tokenizer
-from mythos.hf_tokenizer import token_ids, tokenizer_json, write_hf_tokenizer
 from mythos.io import atomic_write
 from mythos.model.config import ModelConfig
 from mythos.run_dir import EXPORTED_WEIGHTS
+from mythos.tools.hf.tokenizer import token_ids, tokenizer_json, write_hf_tokenizer
 
 WEIGHTS_NAME = EXPORTED_WEIGHTS
 HF_CONFIG_NAME = "config.json"
@@ -32,27 +26,6 @@ def write_json(path: Path, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:
-    """``tensors`` cast to ``dtype`` as safetensors at ``path`` (atomic, mode like its siblings).
-
-    safetensors refuses tensors that share storage (e.g. views into ZeRO's flat fp32 buffer), so
-    each is cast/copied into its own contiguous CPU tensor."""
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu", dtype)
-        shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
-        out[name] = t.clone() if shared or not t.is_contiguous() else t
-
-    def write(p: Path) -> None:
-        # atomic_write gave the temp file the usual mode; save_file replaces it with its own 0600
-        # file, so the mode is put back (the exported directory is meant to be shared)
-        mode = p.stat().st_mode & 0o777
-        save_file(out, str(p), metadata={"format": "pt"})
-        os.chmod(p, mode)
-
-    atomic_write(path, write)
-
-
 def check_hf_tokenizer(tok: Tokenizer, cfg: ModelConfig) -> None:
     """``ValueError`` (one line) unless ``tok`` fits the model and can be written exactly."""
     if tok.vocab_size > cfg.vocab_size:
@@ -62,7 +35,7 @@ def check_hf_tokenizer(tok: Tokenizer, cfg: ModelConfig) -> None:
 
 
 def hf_generation_config(cfg: ModelConfig, tok: Tokenizer) -> dict:
-    """``generation_config.json``: the tokenizer's ids (BOS = EOS, see :mod:`mythos.hf_tokenizer`)
+    """``generation_config.json``: the tokenizer's ids (BOS = EOS, see :mod:`mythos.tools.hf.tokenizer`)
     and the trained context length as ``max_length``."""
     return {**token_ids(tok), "max_length": cfg.max_seq_len}
 

@@ -8,13 +8,13 @@
   rotate-half layout as HF Llama (``cat(-x2, x1)`` with ``cos = cat(f, f)``), so q/k projection
   weights map one-to-one with no head permutation.
   With a ``tokenizer`` (always, from the CLI) the directory is Hub-complete: also the tokenizer
-  (:mod:`mythos.hf_tokenizer`: encodes exactly like our sentencepiece model) and
+  (:mod:`mythos.tools.hf.tokenizer`: encodes exactly like our sentencepiece model) and
   ``generation_config.json``, so ``AutoTokenizer``, ``lm_eval --model hf`` and serving stacks load
   it as it is.
-- :func:`mythos.hf.export.to_hf` (``--hf``): any model kind (RDT, Parcae-style or Llama-style
+- :func:`mythos.tools.hf.export.to_hf` (``--hf``): any model kind (RDT, Parcae-style or Llama-style
   dense) as a ``MythosForCausalLM`` remote-code directory (``trust_remote_code=True``), with the
   same Hub files.
-- CLI: ``python -m mythos.export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf-llama |
+- CLI: ``python -m mythos.tools.export --run RUN_DIR [--checkpoint latest|TAG] --out DIR [--hf-llama |
   --hf] [--tokenizer PATH]`` (or ``--checkpoint RUN_DIR/checkpoints/TAG`` without ``--run``; the tag is
   resolved like eval's, :func:`mythos.cli_common.resolve_checkpoint`) consolidates a DeepSpeed
   checkpoint (ZeRO 1-3 shards via ``zero_to_fp32``; without ZeRO shards the module weights in
@@ -39,70 +39,24 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from mythos.cli_common import ArgumentParser, check_out_dir, fail, resolve_checkpoint
-from mythos.config import ConfigError, dump_yaml, from_dict, load_config, load_yaml, resolve_config_path
+from mythos.config import ConfigError, from_dict, load_config, load_yaml, resolve_config_path
 from mythos.data.tokenizer import Tokenizer
-from mythos.ds_checkpoint import (  # noqa: F401 - re-exported: the export API users know
-    DS_SAFE_GLOBALS,
-    UntrustedCheckpointError,
-    check_pickles,
-    clean_state_dict,
-    consolidate_deepspeed,
-)
-from mythos.hf.export import hf_incompatibilities, to_hf
-from mythos.hf.files import (  # noqa: F401 - check_hf_tokenizer, hf_generation_config: re-exported
+from mythos.ds_checkpoint import clean_state_dict, consolidate_deepspeed
+from mythos.model.base import CausalLM
+from mythos.model.config import ModelConfig
+from mythos.run_dir import COMPLETE, EXPORTED_CONFIG, RESOLVED_CONFIG
+from mythos.tools.hf.export import hf_incompatibilities, to_hf
+from mythos.tools.hf.files import (
     HF_CONFIG_NAME,
-    HF_GENERATION_CONFIG_NAME,
     WEIGHTS_NAME,
     check_hf_tokenizer,
-    hf_generation_config,
-    save_tensors,
     write_hub_files,
     write_json,
-    write_text,
 )
-from mythos.model.base import CausalLM
-from mythos.model.build import build_model
-from mythos.model.config import ModelConfig
-from mythos.run_dir import COMPLETE, RESOLVED_CONFIG
-
-CONFIG_YAML = "config.yaml"
-
-
-# ---------------------------------------------------------------------------------------------
-# consolidated (any model kind)
-
-
-def save_consolidated(model_or_state_dict: nn.Module | Mapping[str, Tensor], cfg: ModelConfig,
-                      out_dir: str | Path) -> Path:
-    """Write ``model.safetensors`` (fp32, wrapper prefixes stripped) and ``config.yaml`` (the
-    resolved ``cfg``) to ``out_dir``; returns it. Checks the keys against ``cfg``'s model so a
-    mismatched config fails here rather than at load time."""
-    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    sd = clean_state_dict(sd)
-    expected = build_model(cfg, device="meta").state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"state dict does not match the {cfg.kind} config: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    out = Path(out_dir)
-    save_tensors(out / WEIGHTS_NAME, sd, torch.float32)
-    write_text(out / CONFIG_YAML, dump_yaml(cfg))
-    return out
-
-
-def load_consolidated(path: str | Path, *, device: str | torch.device = "cpu") -> CausalLM:
-    """Rebuild the model saved by :func:`save_consolidated` (fp32, strict key match)."""
-    path = Path(path)
-    cfg = load_config(ModelConfig, path / CONFIG_YAML)
-    with torch.device(device):
-        model = build_model(cfg)
-    model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=str(device)), strict=True)
-    return model
-
+from mythos.weights import save_consolidated, save_tensors
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face Llama (dense, Llama-style only)
@@ -129,7 +83,7 @@ def hf_llama_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
     """``config.json`` contents. RoPE theta is written both as transformers 5's
     ``rope_parameters`` and as the legacy ``rope_theta`` (4.x), and the dtype as ``dtype`` (5.x)
     and ``torch_dtype`` (4.x), so either version reads the same model. ``token_ids``
-    (``bos/eos/pad_token_id``, see :func:`mythos.hf_tokenizer.token_ids`) are added when given."""
+    (``bos/eos/pad_token_id``, see :func:`mythos.tools.hf.tokenizer.token_ids`) are added when given."""
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         **(token_ids or {}),
@@ -259,14 +213,14 @@ def model_config_from_file(path: str | Path) -> ModelConfig:
 
 
 def _find_run_config(run_dir: Path) -> Path:
-    for name in (RESOLVED_CONFIG, CONFIG_YAML):
+    for name in (RESOLVED_CONFIG, EXPORTED_CONFIG):
         if (run_dir / name).is_file():
             return run_dir / name
     raise FileNotFoundError(f"no config.resolved.yaml or config.yaml in {run_dir}; pass --model-config")
 
 
 def build_parser() -> ArgumentParser:
-    """The ``python -m mythos.export`` / ``mythos-export`` argument parser."""
+    """The ``python -m mythos.tools.export`` / ``mythos-export`` argument parser."""
     parser = ArgumentParser(
         prog="mythos-export",
         description="Consolidate a DeepSpeed checkpoint to fp32 safetensors, or a Hugging Face directory.\n\n"

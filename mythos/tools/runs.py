@@ -6,11 +6,11 @@
   hashes, equal consumed-data records at every step both logged, and no skipped update or
   rollback-skipped batch in either (:mod:`mythos.train.audit`, :mod:`mythos.train.spikes`).
 - :func:`budget_check`: matched tokens, or matched model FLOPs within
-  :data:`mythos.plan.COMPUTE_TOLERANCE`; a run is never compared with itself.
+  :data:`mythos.tools.plan.COMPUTE_TOLERANCE`; a run is never compared with itself.
 - :func:`segments` / :func:`elapsed`: how long a run really trained, over every resumed segment
   (``run_info.json`` ``segments``), without the time between them (a requeued job in the queue).
 
-Used by ``mythos-compare`` (:mod:`mythos.compare`) and the experiment report.
+Used by ``mythos-compare`` (:mod:`mythos.tools.compare`) and the experiment report.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mythos.plan import COMPUTE_TOLERANCE
 from mythos.run_dir import EVAL_RESULTS, METRICS, ROLLBACKS, RUN_INFO, TENSORBOARD
+from mythos.tools.plan import COMPUTE_TOLERANCE
 from mythos.train.audit import read_consumed_rows
 from mythos.train.spikes import read_rollbacks
 

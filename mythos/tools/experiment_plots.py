@@ -1,4 +1,4 @@
-"""Plots of the experiment report (:mod:`mythos.experiment_report`): seed means with min-max bands.
+"""Plots of the experiment report (:mod:`mythos.tools.experiment_report`): seed means with min-max bands.
 
 Inputs are the report's run lists and summaries; each function writes one PNG (matplotlib, Agg).
 """
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mythos.compare import Run, pyplot, save_png
+from mythos.tools.compare import Run, pyplot, save_png
 
 COLORS = {"a": "tab:blue", "b": "tab:orange"}
 SMOOTH_POINTS = 25

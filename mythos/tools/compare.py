@@ -5,7 +5,7 @@
 
 (``mythos-compare RUN_A RUN_B ...``, the older positional form, still works.)
 
-``mythos-compare`` is the installed command; ``python -m mythos.compare`` and, in a checkout,
+``mythos-compare`` is the installed command; ``python -m mythos.tools.compare`` and, in a checkout,
 ``python launch/compare.py`` run the same :func:`main`.
 
 Reads each run's ``run_info.json``, its metrics (``metrics.jsonl``; the TensorBoard event files via
@@ -27,7 +27,7 @@ refused (exit 2, one line) unless ``--allow-different-data``, which writes the r
 
 **Equal budgets are checked too** (:func:`budget_check`): the two runs must have trained on the
 same number of tokens (a matched-tokens comparison) or the same model FLOPs within
-:data:`mythos.plan.COMPUTE_TOLERANCE` (matched compute), and a run is never compared with itself.
+:data:`mythos.tools.plan.COMPUTE_TOLERANCE` (matched compute), and a run is never compared with itself.
 Otherwise the comparison is refused (exit 2, one line) unless ``--allow-unmatched-budget``, which
 labels the report "UNMATCHED BUDGETS". Refusing rather than comparing at the common step: the two
 learning-rate schedules decay to different ends, so a shorter run's loss at step k is not what the
@@ -51,7 +51,7 @@ from typing import Any
 from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
 from mythos.config import ConfigError
 from mythos.io import atomic_write, atomic_write_text
-from mythos.runs import (  # noqa: F401 - re-exported: the reading and checking API users know from here
+from mythos.tools.runs import (  # noqa: F401 - re-exported: the reading and checking API users know from here
     CompareError,
     Run,
     Segment,

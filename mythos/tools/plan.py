@@ -3,7 +3,7 @@
     mythos-plan --a configs/run/rdt-770m.yaml --b configs/run/dense-1.3b.yaml \\
         --match compute [--flops 3e20] [--gpus 8 --peak-tflops 989.5 --mfu 0.4] [--out plans/compute]
 
-``mythos-plan`` is the installed command; ``python -m mythos.plan`` and, in a checkout,
+``mythos-plan`` is the installed command; ``python -m mythos.tools.plan`` and, in a checkout,
 ``python launch/plan.py`` run the same :func:`main`.
 
 Matching protocols (``--match``), each stated in every output:
