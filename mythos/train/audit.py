@@ -59,17 +59,26 @@ def _trim_jsonl(path: Path, last_step: int) -> None:
 class ConsumedRecord:
     """The running record of consumed samples (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int, state: dict[str, Any] | None) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
         self.path = run_dir / CONSUMED
         self.enabled = enabled
-        self.sha = (state or {}).get("sha", _GENESIS)
-        self.samples = int((state or {}).get("samples", 0))
+        self.sha = _GENESIS
+        self.samples = 0
         self._pending = False
-        if enabled:
-            _trim_jsonl(self.path, resume_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sha": self.sha, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The chain of a checkpoint (``{}``: one from before the record, the chain starts again)."""
+        self.sha = state.get("sha", _GENESIS)
+        self.samples = int(state.get("samples", 0))
+        self._pending = False
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows written after ``step`` (a crashed or rolled-back run's tail)."""
+        if self.enabled:
+            _trim_jsonl(self.path, step)
 
     def add(self, step: int, consumed: float, expected: float, n_samples: int) -> None:
         """Fold step ``step``'s global checksum in; raises if it is not the expected one."""
@@ -114,10 +123,13 @@ def read_consumed(run_dir: Path) -> dict[int, str]:
 class SampleLog:
     """``train.log_samples``: every step's global sample ids (+ rank 0's own) in samples.jsonl."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
         self.path, self.enabled = run_dir / SAMPLES, enabled
-        if enabled:
-            _trim_jsonl(self.path, resume_step)
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows written after ``step``."""
+        if self.enabled:
+            _trim_jsonl(self.path, step)
 
     def add(self, step: int, global_ids: Sequence[int], mine: Sequence[int]) -> None:
         if self.enabled:

@@ -27,11 +27,12 @@ if TYPE_CHECKING:
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, console: bool, resume_step: int,
                  wandb: WandbConfig | None = None, run_name: str = "run", run_config: dict[str, Any] | None = None,
-                 ) -> None:
-        """``enabled``: this rank writes (rank 0). ``wandb``: ``log.wandb``; when its mode is not
+                 interval: int = 1) -> None:
+        """``enabled``: this rank writes (rank 0). ``interval``: ``train.log_interval`` (see
+        :meth:`due`). ``wandb``: ``log.wandb``; when its mode is not
         ``disabled`` a W&B run named ``run_name`` (id derived from ``run_dir`` + name, so a resume
         continues it) gets the same scalars, with ``run_config`` as its config."""
-        self.enabled, self.console = enabled, console
+        self.enabled, self.console, self.interval = enabled, console, interval
         self.jsonl = run_dir / METRICS
         self.writer = None
         self.wandb = None
@@ -43,6 +44,11 @@ class MetricsLogger:
             from mythos.train.wandb_log import WandbSink  # imports wandb: only when enabled
 
             self.wandb = WandbSink(wandb, run_dir, run_name, run_config or {})
+
+    def due(self, step: int, total_steps: int, *, force: bool = False) -> bool:
+        """Log this step: every ``interval`` steps, the last step, and ``force`` (a step whose
+        update was dropped is always logged)."""
+        return step % self.interval == 0 or step == total_steps or force
 
     def _open(self, resume_step: int) -> None:
         """Drop what was logged after ``resume_step`` (jsonl rewritten, TensorBoard purged) and open."""

@@ -36,13 +36,15 @@ from mythos.train.config import SpikeConfig
 
 
 class SpikeDetector:
-    """Rolling mean / std of recent unflagged losses; :meth:`check` flags a spike."""
+    """Rolling mean / std of recent unflagged losses; :meth:`check` flags a spike, :meth:`record`
+    keeps the streak of flagged steps in a row (what a rollback acts on)."""
 
     def __init__(self, cfg: SpikeConfig, state: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.history: deque[float] = deque(maxlen=cfg.window)
         self.flagged_total = 0
         self.last_z = 0.0
+        self.streak: list[int] = []  # the flagged steps, in a row, up to the last step
         if state:
             self.load_state_dict(state)
 
@@ -64,12 +66,23 @@ class SpikeDetector:
             self.history.append(loss)
         return flagged
 
+    def record(self, step: int, flagged: bool) -> None:
+        """Step ``step`` was (or was not) flagged: extend or end the streak."""
+        self.streak = [*self.streak, step] if flagged else []
+
+    @property
+    def rollback_due(self) -> bool:
+        """``train.spike.rollback_after`` flagged steps in a row under ``action: rollback``."""
+        return self.cfg.action == "rollback" and len(self.streak) >= self.cfg.rollback_after
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "flagged_total": self.flagged_total}
+        return {"history": list(self.history), "flagged_total": self.flagged_total, "streak": list(self.streak)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = deque((float(x) for x in state.get("history", [])), maxlen=self.cfg.window)
         self.flagged_total = int(state.get("flagged_total", 0))
+        self.streak = [int(s) for s in state.get("streak", [])]
+        self.last_z = 0.0  # a z-score of the steps before the checkpoint is not this window's
 
 
 class RollbackImpossible(RuntimeError):

@@ -58,6 +58,7 @@ from mythos.train.provenance import (
 )
 from mythos.train.signals import StopFlag
 from mythos.train.spikes import RollbackImpossible, RollbackLog, SpikeDetector, plan_rollback
+from mythos.train.state import Checkpointer, Progress, TrainState
 from mythos.train.throughput import Throughput, device_peak_flops
 
 
@@ -80,13 +81,14 @@ class Trainer:
         self._preflight()
         self._build_engine()
         self._build_data()
-        # resume, then the per-run components that continue from the resumed step
-        self.step = 0
-        self.tokens_seen = 0
-        self.flops_seen = 0.0
-        self.bad_steps_total = 0
-        self.skipped_total = 0
-        self._components(self._maybe_resume() or {})
+        self._build_state()
+        self._maybe_resume()
+        self._components()  # the per-run components that continue from the resumed step
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (:class:`Progress` owns the counters)."""
+        return self.progress.step
 
     # ------------------------------------------------------------------ setup
     def _preflight(self) -> None:
@@ -146,15 +148,26 @@ class Trainer:
                                      build_model(cfg.model, device="meta"))
         self.flops_per_token = self.throughput.model_flops_per_token
 
-    def _components(self, client: dict[str, Any]) -> None:
-        """The per-run components, continuing from the resumed step (``client``: the checkpoint's
-        client state, empty for a fresh start), and the provenance files (rank 0)."""
+    def _build_state(self) -> None:
+        """The checkpointed components (state.py: the client state is exactly theirs) and the
+        checkpointer that saves and loads them."""
+        t, main = self.cfg.train, self.info.is_main
+        self.progress = Progress()
+        self.consumed = ConsumedRecord(self.run_dir, enabled=main)
+        self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples)
+        self.spikes = SpikeDetector(t.spike)
+        self.state = TrainState(self.progress, {"data": self.loader, "consumed": self.consumed, "spikes": self.spikes},
+                                model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
+        self.checkpointer = Checkpointer(self.engine, self.run_dir, t, self.state, is_main=main)
+
+    def _components(self) -> None:
+        """The per-run components, continuing from the resumed step, and the provenance files (rank 0)."""
         cfg, t, main = self.cfg, self.cfg.train, self.info.is_main
         self.logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=cfg.log.tensorboard,
-                                    console=cfg.log.console, resume_step=self.step,
-                                    wandb=cfg.log.wandb, run_name=cfg.name, run_config=to_dict(cfg))
+                                    console=cfg.log.console, resume_step=self.step, wandb=cfg.log.wandb,
+                                    run_name=cfg.name, run_config=to_dict(cfg), interval=t.log_interval)
         self.periodic_eval = PeriodicEval(cfg, self.val_loader, self.device, self.logger)
-        self._records(client)
+        self._rewind_records()
         self.rollbacks = RollbackLog(self.run_dir, enabled=main, resuming=self.resumed_from is not None)
         if main:
             info = run_info(
@@ -168,42 +181,23 @@ class Trainer:
         if t.inject_inf_forward_steps and main:
             install_forward_fault(self.engine.module, t.inject_inf_forward_steps, lambda: self.step + 1)
 
-    def _records(self, client: dict[str, Any]) -> None:
-        """The records that continue from the loaded checkpoint's step (``client``: its client
-        state, empty for a fresh start): consumed data, sample log, the spike window and streak."""
-        main, t = self.info.is_main, self.cfg.train
-        self.consumed = ConsumedRecord(self.run_dir, enabled=main, resume_step=self.step, state=client.get("consumed"))
-        self.sample_log = SampleLog(self.run_dir, enabled=main and t.log_samples, resume_step=self.step)
-        self.spikes = SpikeDetector(t.spike, client.get("spikes"))
-        self.streak: list[int] = list((client.get("spikes") or {}).get("streak", []))  # flagged steps, in a row
+    def _rewind_records(self) -> None:
+        """The appended records continue from the current step: rows a crashed (or rolled-back)
+        run wrote after it are dropped."""
+        self.consumed.rewind(self.step)
+        self.sample_log.rewind(self.step)
 
-    def _maybe_resume(self) -> dict[str, Any] | None:
-        """Load the planned checkpoint (if any) into the engine, loader and counters; returns its
-        client state. ``self.resumed_from`` is its path (None when starting fresh)."""
+    def _maybe_resume(self) -> None:
+        """Load the planned checkpoint (if any) into the engine and the components;
+        ``self.resumed_from`` is its path (None when starting fresh)."""
         plan = self.resume_plan  # found (and converted for a new world size) before the process group
         self.resumed_from: str | None = None
-        # per-rank RNG files only mean something on the world size that wrote them; nothing in
-        # training draws from the global RNG (RDT: T and h0 come from (seed, step, position))
-        return None if plan is None else self._load(plan.path, universal=plan.universal,
-                                                    restore_rng=plan.saved_world_size == plan.world_size)
-
-    def _load(self, path: Path, *, universal: bool = False, restore_rng: bool = True) -> dict[str, Any]:
-        """Load checkpoint ``path`` into the engine, refuse another model or data order, restore
-        the counters and loader; returns its client state (resume and rollback alike)."""
-        client = ckpt.load(self.engine, path, universal=universal, restore_rng=restore_rng)
-        ckpt.check_identity(client, path, model_hash=section_hash(self.cfg.model), data_fingerprint=self.fingerprint)
-        self._restore(client, path)
-        return client
-
-    def _restore(self, client: dict[str, Any], path: Path) -> None:
-        """Counters and loader position of a loaded checkpoint (resume and rollback alike)."""
-        self.loader.load_state_dict(client["data"])
-        self.step = int(client["step"])
-        self.tokens_seen = int(client["tokens_seen"])
-        self.flops_seen = float(client["flops_seen"])
-        self.bad_steps_total = int(client.get("bad_steps_total", 0))
-        self.skipped_total = int(client.get("skipped_total", 0))
-        self.resumed_from = str(path)
+        if plan is not None:
+            # per-rank RNG files only mean something on the world size that wrote them; nothing in
+            # training draws from the global RNG (RDT: T and h0 come from (seed, step, position))
+            self.checkpointer.load(plan.path, universal=plan.universal,
+                                   restore_rng=plan.saved_world_size == plan.world_size)
+            self.resumed_from = str(plan.path)
 
     def rollback(self) -> None:
         """After ``train.spike.rollback_after`` flagged steps in a row: every rank (they all flag
@@ -211,13 +205,14 @@ class Trainer:
         them, records the rollback (which batches to skip, the lr factor) and goes on in this job."""
         sp = self.cfg.train.spike
         try:
-            path, event = plan_rollback(self.ckpt_root, self.streak, self.rollbacks.events, sp, self.step)
+            path, event = plan_rollback(self.ckpt_root, self.spikes.streak, self.rollbacks.events, sp, self.step)
         except RollbackImpossible as exc:
             raise TrainingStopped(str(exc)) from None
         self.rollbacks.add(event)
-        client = self._load(path)  # this world size wrote it (same run): its RNG files apply
+        self.checkpointer.load(path)  # this world size wrote it (same run): its RNG files apply
+        self.resumed_from = str(path)
         self.logger.rewind(self.step)
-        self._records(client)
+        self._rewind_records()
         self.logger.print(f"rolled back to {path} (step {event['to_step']}) after loss spikes at steps "
                           f"{event['flagged_steps']}: skipping {event['skip_batches']} global batch(es) at step "
                           f"{event['skip_from_step']}, lr x{sp.lr_factor:g} from there (rollback "
@@ -305,21 +300,8 @@ class Trainer:
 
 
     def save(self, data_state: dict[str, Any] | None = None) -> Path:
-        client = {
-            "step": self.step,
-            "data": data_state or self.loader.state_dict(),
-            "tokens_seen": self.tokens_seen,
-            "flops_seen": self.flops_seen,
-            "bad_steps_total": self.bad_steps_total,
-            "skipped_total": self.skipped_total,
-            "data_fingerprint": self.fingerprint,
-            "model_hash": section_hash(self.cfg.model),
-            "consumed": self.consumed.state_dict(),
-            "spikes": {**self.spikes.state_dict(), "streak": self.streak},
-        }
-        path = ckpt.save(self.engine, self.ckpt_root, self.step, client, self.cfg.train.keep_last)
-        if self.info.is_main:
-            end_segment(self.run_dir, self.step)
+        """Checkpoint this step (:class:`Checkpointer`); ``data_state``: see its ``save``."""
+        path = self.checkpointer.save(data_state)
         self.logger.print(f"saved checkpoint {path}")
         return path
 
@@ -355,24 +337,19 @@ class Trainer:
                     self.logger.print(f"stopping on signal at step {self.step}: checkpoint saved; resume: auto goes on")
                     return {"step": self.step, "stopped_on_signal": True}
                 stats = self.train_step(micro, global_tokens, batch_index)
-                self.step += 1
+                self.progress.advance(self.tokens_per_step, self.flops_per_token * self.tokens_per_step,
+                                      bad=stats["bad"], skipped=stats["skipped"])
+                self.spikes.record(self.step, stats["flagged"])
                 if stats["flagged"]:
-                    self.streak.append(self.step)
                     self.logger.print(f"step {self.step}: loss {stats['loss']:.4f} is a spike "
                                       f"({self.spikes.last_z:.1f} sigma > train.spike.sigma={t.spike.sigma:g}): "
-                                      f"update skipped ({len(self.streak)} in a row)")
-                else:
-                    self.streak = []
-                self.skipped_total += int(stats["skipped"])
+                                      f"update skipped ({len(self.spikes.streak)} in a row)")
                 consecutive_bad = consecutive_bad + 1 if stats["bad"] else 0
-                self.bad_steps_total += int(stats["bad"])
-                self.tokens_seen += self.tokens_per_step
-                self.flops_seen += self.flops_per_token * self.tokens_per_step
                 executed = (stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"]) if self.layout else None
                 self.throughput.add_step(time.perf_counter() - step_t0, data_wait, executed)
                 if stats["bad"]:
                     self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
-                if self.step % t.log_interval == 0 or self.step == self.total_steps or stats["bad"] or stats["flagged"]:
+                if self.logger.due(self.step, self.total_steps, force=stats["bad"] or stats["flagged"]):
                     self.log_metrics(stats, start_step, t0)
                 if consecutive_bad >= t.max_bad_steps:
                     last = ckpt.list_tags(self.ckpt_root)
@@ -381,11 +358,11 @@ class Trainer:
                         f"stopping: {consecutive_bad} consecutive steps with a non-finite loss (train.max_bad_steps="
                         f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"
                     )
-                if t.spike.action == "rollback" and len(self.streak) >= t.spike.rollback_after:
+                if self.spikes.rollback_due:
                     self.rollback()
                     continue
                 self.periodic_eval.maybe(self.engine, self.step, last=self.step == self.total_steps)
-                if (t.save_interval and self.step % t.save_interval == 0) or self.step == self.total_steps:
+                if self.checkpointer.due(self.step, self.total_steps):
                     self.save()
             return {"step": self.step, "stopped_on_signal": False}
         finally:
@@ -421,10 +398,10 @@ class Trainer:
             "train/loss": stats["loss"],
             "train/ppl": float(np.exp(min(stats["loss"], 50.0))),
             "train/lr": self.engine.optimizer.param_groups[0]["lr"],
-            "train/tokens": self.tokens_seen,
-            "train/flops": self.flops_seen,
-            "train/bad_steps": self.bad_steps_total,
-            "train/skipped_updates": self.skipped_total,
+            "train/tokens": self.progress.tokens_seen,
+            "train/flops": self.progress.flops_seen,
+            "train/bad_steps": self.progress.bad_steps_total,
+            "train/skipped_updates": self.progress.skipped_total,
             **self.throughput.window_metrics(),
             "perf/memory_gb": memory_gb(self.cuda),
         }
@@ -444,7 +421,7 @@ class Trainer:
             m.update({"train/spikes": self.spikes.flagged_total, "train/loss_z": self.spikes.last_z,
                       "train/rollbacks": len(self.rollbacks.events)})
         self.logger.log(self.step, m, histograms=hist)
-        self.consumed.flush(self.step, self.skipped_total, self.loader.skipped_batches)
+        self.consumed.flush(self.step, self.progress.skipped_total, self.loader.skipped_batches)
         elapsed = time.perf_counter() - t0
         eta = elapsed / max(self.step - start_step, 1) * (self.total_steps - self.step)
         self.logger.print(format_line(self.step, self.total_steps, m, eta))

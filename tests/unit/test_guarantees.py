@@ -12,7 +12,7 @@ fast test (docs/testing.md, "Guarantees broken on purpose", says how each was br
 - the derived DeepSpeed config clips at ``optim.grad_clip``;
 - checkpoint verification: a truncated file (size) and a same-size damaged file (sha256) are
   caught, and the resume falls back to the previous tag;
-- a resume restores the loader position (``Trainer._restore``): the next batch is the one the
+- a resume restores the loader position (``TrainState.load_state_dict``): the next batch is the one the
   uninterrupted loader draws;
 - the batch-wide KL early exit of cached decoding with explicit ``loop_counts``.
 """
@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import mythos
+from mythos.config import ConfigError
 from mythos.data import build_train_loader
 from mythos.data.config import DataConfig
 from mythos.model import KVCache, ModelConfig
@@ -34,11 +35,14 @@ from mythos.model.config import LoopConfig
 from mythos.model.loops import sample_loop_counts
 from mythos.model.loss import IGNORE_INDEX
 from mythos.train import checkpoint as ckpt
-from mythos.train.config import OptimConfig, load_run_config
+from mythos.train.audit import ConsumedRecord
+from mythos.train.config import OptimConfig, SpikeConfig, load_run_config
 from mythos.train.ds_config import build_ds_config
 from mythos.train.loop_layout import LoopLayout, h0_noise
 from mythos.train.optim import lr_multiplier
 from mythos.train.reshard import choose_checkpoint
+from mythos.train.spikes import SpikeDetector
+from mythos.train.state import CLIENT_KEYS, Progress, TrainState
 from mythos.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -265,19 +269,30 @@ def test_verification_catches_truncation_and_same_size_damage(tmp_path: Path) ->
 
 def test_restore_puts_the_loader_at_the_saved_position(data_corpus) -> None:
     """Claim (exact resume): a resumed trainer's loader draws exactly the batch the uninterrupted
-    loader draws next (``Trainer._restore`` of a checkpoint's client state)."""
+    loader draws next, and its counters are the saved ones (``TrainState`` of a checkpoint's client
+    state: the trainer's state components, saved and loaded as one)."""
     cfg = DataConfig(shards=str(data_corpus.shards_dir))
     run = build_train_loader(cfg, 8, 4)
     for _ in range(3):
         run.next_step()
-    client = {"data": run.state_dict(), "step": 3, "tokens_seen": 24 * 64, "flops_seen": 1.0}
-    stub = SimpleNamespace(loader=build_train_loader(cfg, 8, 4))
-    Trainer._restore(stub, client, Path("step0000003"))
-    assert stub.step == 3 and stub.tokens_seen == 24 * 64
-    want, got = run.next_step(), stub.loader.next_step()
+    spike_cfg = SpikeConfig(action="skip")
+
+    def state_of(loader: Any, progress: Progress) -> TrainState:
+        return TrainState(progress, {"data": loader, "consumed": ConsumedRecord(Path("."), enabled=False),
+                                     "spikes": SpikeDetector(spike_cfg)}, model_hash="m", data_fingerprint="f")
+
+    client = state_of(run, Progress(step=3, tokens_seen=24 * 64, flops_seen=1.0)).state_dict()
+    assert tuple(client) == CLIENT_KEYS
+    resumed = Progress()
+    fresh = build_train_loader(cfg, 8, 4)
+    state_of(fresh, resumed).load_state_dict(client, Path("step0000003"))
+    assert resumed == Progress(step=3, tokens_seen=24 * 64, flops_seen=1.0)
+    want, got = run.next_step(), fresh.next_step()
     assert all(torch.equal(a["sample_ids"], b["sample_ids"]) for a, b in zip(want, got, strict=True))
+    with pytest.raises(ConfigError, match="step0000003"):  # another model's checkpoint: refused before loading
+        state_of(fresh, Progress()).load_state_dict({**client, "model_hash": "other"}, Path("step0000003"))
     run.close()
-    stub.loader.close()
+    fresh.close()
 
 
 # ---------------------------------------------------------------------------- KL early exit

@@ -105,7 +105,7 @@ def test_a_rollback_without_a_good_checkpoint_or_past_the_cap_is_one_line(tmp_pa
         (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
         (tag / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
     cfg = SimpleNamespace(train=SimpleNamespace(spike=SpikeConfig(action="rollback", max_rollbacks=1)))
-    stub = SimpleNamespace(cfg=cfg, streak=[3, 4, 5], ckpt_root=root, step=5,
+    stub = SimpleNamespace(cfg=cfg, spikes=SimpleNamespace(streak=[3, 4, 5]), ckpt_root=root, step=5,
                            rollbacks=RollbackLog(tmp_path, enabled=False, resuming=False))
     with pytest.raises(TrainingStopped) as exc:
         Trainer.rollback(stub)
@@ -113,7 +113,7 @@ def test_a_rollback_without_a_good_checkpoint_or_past_the_cap_is_one_line(tmp_pa
     assert msg == ("stopping: loss spikes at steps [3, 4, 5] and no complete checkpoint before the spike to roll "
                    "back to (lower train.save_interval); last good checkpoint: none before the spike; lower optim.lr "
                    "or check the data"), msg
-    stub.streak, stub.step = [9, 10, 11], 11
+    stub.spikes.streak, stub.step = [9, 10, 11], 11
     stub.rollbacks.events.append({"skip_from_step": 6, "skip_batches": 0, "lr_factor": 1.0})
     with pytest.raises(TrainingStopped, match=r"spikes at steps \[9, 10, 11\] and 1 rollbacks already "
                                               r"\(train.spike.max_rollbacks=1\); last good checkpoint: .*step0000008"):

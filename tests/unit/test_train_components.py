@@ -74,20 +74,22 @@ def test_ids_checksum_is_an_order_free_multiset_checksum() -> None:
 
 def test_consumed_record_chains_resumes_and_refuses_wrong_data(tmp_path: Path) -> None:
     steps = [ids_checksum(np.arange(s * 8, s * 8 + 8)) for s in range(6)]
-    ref = ConsumedRecord(tmp_path / "ref", enabled=True, resume_step=0, state=None)
+    ref = ConsumedRecord(tmp_path / "ref", enabled=True)
     (tmp_path / "ref").mkdir()
     for s, c in enumerate(steps, start=1):
         ref.add(s, c, c, 8)
         ref.flush(s)
     # a run that saved after step 3, crashed after writing step 4, and resumed from step 3
     (tmp_path / "run").mkdir()
-    run = ConsumedRecord(tmp_path / "run", enabled=True, resume_step=0, state=None)
+    run = ConsumedRecord(tmp_path / "run", enabled=True)
     for s, c in enumerate(steps[:4], start=1):
         run.add(s, c, c, 8)
         if s == 3:
             saved = run.state_dict()
         run.flush(s)
-    run = ConsumedRecord(tmp_path / "run", enabled=True, resume_step=3, state=saved)
+    run = ConsumedRecord(tmp_path / "run", enabled=True)
+    run.load_state_dict(saved)
+    run.rewind(3)
     for s, c in enumerate(steps[3:], start=4):
         run.add(s, c, c, 8)
         run.flush(s)
