@@ -33,7 +33,7 @@ def verify_shard(path: Path, info: ShardInfo, mode: str) -> None:
         raise DataFormatError(f"shard {path} is corrupt: sha256 differs from the manifest ({hint})")
 
 
-class ConcatenatedSamples:
+class PartedSamples:
     """Samples stored in consecutive parts (shards, or whole sources): global index ``g`` maps to
     (part ``k``, local index). Subclasses set ``tokens_per_sample``, ``rows``, ``_where`` and call
     :meth:`_set_part_sizes`, and implement :meth:`_read`."""
@@ -68,7 +68,7 @@ class ConcatenatedSamples:
         return out
 
 
-class PackedSamples(ConcatenatedSamples):
+class PackedSamples(PartedSamples):
     """All samples of one split. ``self[g] -> np.ndarray [tokens_per_sample]`` (uint16/uint32), or
     ``[2, tokens_per_sample]`` (tokens, loss mask) when the manifest has ``loss_mask``."""
 

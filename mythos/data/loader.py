@@ -190,11 +190,6 @@ class TrainLoader:
         return self.manifest.seq_len
 
     @property
-    def tokens_per_sample(self) -> int:
-        """Trained tokens per sample (= ``seq_len`` input/label positions; ``seq_len + 1`` stored)."""
-        return self.manifest.seq_len
-
-    @property
     def num_train_samples(self) -> int:
         return self.samples.num_samples
 
@@ -205,10 +200,6 @@ class TrainLoader:
     @property
     def epoch(self) -> int:
         return self.order.normalize(self._pos).epoch
-
-    @property
-    def steps_done(self) -> int:
-        return self._steps
 
     # ---- iteration ---------------------------------------------------------------------------
     def _stream(self) -> Iterator[Batch]:
@@ -282,7 +273,7 @@ class TrainLoader:
             "offset": pos.offset,
             "steps": self._steps,
             "samples_consumed": self._samples_consumed,
-            "tokens_consumed": self._samples_consumed * self.tokens_per_sample,
+            "tokens_consumed": self._samples_consumed * self.seq_len,  # trained positions (seq_len + 1 stored)
             "global_batch_size": self.global_batch_size,
             "source_samples": [int(x) for x in self._source_samples],
             "skipped_batches": self._skipped,
@@ -318,11 +309,6 @@ class TrainLoader:
         self._it = None  # restart the stream (and any workers) at the new position
 
     # ---- per-source accounting (mixtures) ------------------------------------------------------
-    @property
-    def source_names(self) -> tuple[str, ...]:
-        """Source labels, in config order (one entry, the directory name, without a mixture)."""
-        return self.data.names
-
     def samples_per_source(self) -> dict[str, int]:
         """Training samples consumed so far from each source, over all ranks (exact)."""
         return {n: int(c) for n, c in zip(self.data.names, self._source_samples)}
@@ -330,7 +316,7 @@ class TrainLoader:
     def tokens_per_source(self) -> dict[str, int]:
         """Trained tokens consumed so far from each source, over all ranks: samples x seq_len, the
         measure of ``tokens_consumed`` (sums to it). Identical on every rank, so rank 0 can log it."""
-        return {n: c * self.tokens_per_sample for n, c in self.samples_per_source().items()}
+        return {n: c * self.seq_len for n, c in self.samples_per_source().items()}
 
     def _recount_sources(self) -> np.ndarray:
         """Per-source samples consumed up to the current position, assuming the current global

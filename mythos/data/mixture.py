@@ -42,7 +42,7 @@ import numpy as np
 
 from mythos.config import ConfigError
 from mythos.data.config import DataConfig
-from mythos.data.dataset import ConcatenatedSamples, PackedSamples
+from mythos.data.dataset import PackedSamples, PartedSamples
 from mythos.data.format import Manifest, load_manifest
 
 #: Domain separator of the per-source selection streams (ASCII "mix").
@@ -122,7 +122,7 @@ class ResolvedData:
         if not self.is_mixture:
             return parts[0]
         if split != "train":
-            return ConcatSamples(parts)
+            return ConcatSources(parts)
         return MixtureSamples(parts, self.quotas, seed)  # type: ignore[arg-type]
 
     def source_counts(self, samples: object, indices: np.ndarray) -> np.ndarray:
@@ -210,7 +210,7 @@ class MixtureSamples:
             p.close()
 
 
-class ConcatSamples(ConcatenatedSamples):
+class ConcatSources(PartedSamples):
     """Several sources' samples one after another (the val split of a mixture)."""
 
     def __init__(self, parts: Sequence[PackedSamples]):

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from mythos.cli_common import (
+    ArgumentParser,
     add_run_arguments,
     check_out_dir,
     fail,
@@ -47,7 +48,7 @@ from mythos.cli_common import (
     parse_loops,
 )
 from mythos.config import ConfigError
-from mythos.eval.device import ArgumentParser, add_device_args
+from mythos.eval.device import add_device_args
 from mythos.io import atomic_write_text, sha256_file
 from mythos.run_dir import EVAL_RESULTS
 

@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from mythos.cli_common import ArgumentParser  # noqa: F401 - re-exported (it lived here)
 from mythos.config import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -43,10 +43,13 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from mythos.cli_common import add_run_arguments
+from mythos.cli_common import ArgumentParser, add_run_arguments, fail, out_file, parse_loops, resolve_checkpoint
 from mythos.config import ConfigError
+from mythos.data.format import load_manifest
 from mythos.data.tokenizer import Tokenizer, find_tokenizer
-from mythos.eval.device import ArgumentParser, Progress, add_device_args, dtype_name, resolve
+from mythos.eval.device import Progress, add_device_args, dtype_name, resolve
+from mythos.eval.loading import load_run, load_run_config_from_dir
+from mythos.io import atomic_write_text
 
 
 @register_model("mythos")
@@ -67,8 +70,6 @@ class MythosLM(TemplateLM):
         **_: Any,
     ) -> None:
         super().__init__()
-        from mythos.data.format import load_manifest
-        from mythos.eval.loading import load_run
 
         self._device, self.dtype, self.kind = self.check_args(run, checkpoint, loops, device, dtype, batch_size)
         self.run = load_run(run, checkpoint, device=self._device, dtype=self.dtype)
@@ -96,7 +97,6 @@ class MythosLM(TemplateLM):
     ) -> tuple[torch.device, torch.dtype, str]:
         """``(device, dtype, model kind)``; every check that needs no weights, so bad input fails
         fast with a :class:`ConfigError` (one line) before anything is loaded."""
-        from mythos.eval.loading import load_run_config_from_dir, resolve_checkpoint
 
         dev, dt = resolve(device, dtype)
         kind = load_run_config_from_dir(run).model.kind
@@ -247,8 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from mythos.cli_common import fail, out_file, parse_loops
-    from mythos.io import atomic_write_text
 
     args: dict[str, Any] = {"run": a.run, "batch_size": a.batch_size}
     if a.checkpoint:

@@ -55,12 +55,6 @@ def load_run_config_from_dir(run_dir: str | Path) -> RunConfig:
     return load_run_config(path)
 
 
-def resolve_checkpoint(run_dir: Path, tag: str | None) -> tuple[Path, int]:
-    """``(directory, step)`` of checkpoint ``tag`` (``None``/``latest`` = newest complete one, a tag
-    name, or a path): :func:`mythos.cli_common.resolve_checkpoint`, shared by every tool."""
-    return cli_common.resolve_checkpoint(run_dir, tag)
-
-
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"loops.mean": 8, ...}`` for a nested dict (the config keys a user would type)."""
     if not isinstance(tree, dict):
@@ -103,7 +97,7 @@ def load_run(
     on ``device`` from the fp32 master weights and then cast to ``dtype`` (as training's bf16 does)."""
     run_dir = Path(run_dir)
     cfg = load_run_config_from_dir(run_dir)
-    path, step = resolve_checkpoint(run_dir, checkpoint)
+    path, step = cli_common.resolve_checkpoint(run_dir, checkpoint)
     if (path / cli_common.EXPORTED_WEIGHTS).is_file():
         check_same_model(cfg.model, load_config_of(path), path, run_dir)
         model = load_consolidated(path, device=device)

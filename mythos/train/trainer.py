@@ -125,7 +125,10 @@ class Trainer:
         self.engine = build_engine(model, cfg.optim, self.ds_config)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.base_lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
-        torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))  # per-rank stream (nothing draws it today)
+        # after the identical init, each rank's global RNG gets its own stream: nothing draws from it
+        # today (T and h0 come from (seed, step, position)), but a future draw (dropout) must differ
+        # across data-parallel ranks, not repeat one mask on every rank; checkpoints save this state
+        torch.manual_seed(t.seed + 1_000_003 * (self.info.rank + 1))
 
     def _build_data(self) -> None:
         """Loaders, the RDT's loop layout (which rank / micro-batch runs each sample, by loop

@@ -100,7 +100,7 @@ def test_exact_resume_mid_epoch_onto_other_world_size(data_corpus) -> None:
         first.next_step()
     state = first.state_dict()
     assert (state["epoch"], state["offset"], state["samples_consumed"]) == (0, 6 * B, 6 * B)
-    assert state["tokens_consumed"] == 6 * B * first.tokens_per_sample
+    assert state["tokens_consumed"] == 6 * B * first.seq_len
     resumed = global_batches(cfg, world=4, micro=4, steps=4, state=state)
     assert all(torch.equal(a, b) for a, b in zip(straight[6:], resumed))
     resumed_w = global_batches(cfg_for(data_corpus, num_workers=2), world=2, micro=16, steps=4, state=state)
