@@ -33,9 +33,16 @@ ponder cost; in training it never changes how many core calls run.
 **Adaptive exit** (inference, ``exit_kl=`` / ``exit_act=``): each row stops by itself and leaves
 the active set; see :meth:`RDT._trunk_adaptive`.
 
-Long because the trunk's three executions (active rows, masked, the per-row adaptive exit with
-its KV-cache view) share the iteration, ACT and cache code here; split apart they would each
-re-implement the loop body, which is what the parity tests guard against.
+**Layout.** :meth:`RDT.trunk` checks the exit options, resolves the loop counts, picks an
+execution and assembles the outputs; :meth:`RDT._start` runs what every execution runs first
+(prelude, injection context, ``h_0``). One method per execution: :meth:`RDT._run_active` (the
+active-rows prefix), :meth:`RDT._run_masked` (``torch.where``; with a KV cache the batch may stop
+early as a whole), :meth:`RDT._trunk_adaptive` (the per-row exit). Each runs an iteration through
+:meth:`RDT._core_step` (autograd and checkpointing policy, statistics) around the one loop body
+:meth:`RDT._iterate` (injection, loop embedding, core blocks with the LoRA loop index), and folds
+ACT in by :meth:`RDT._act_fold`. The per-forward state (:class:`Loop`, the ACT accumulators, the
+HFU and MoE statistics) lives in :mod:`mythos.model.loop_state`, the row bookkeeping (the
+active-rows plan, the exit's cache view) in :mod:`mythos.model.rows`.
 """
 
 from __future__ import annotations
@@ -49,33 +56,9 @@ from mythos.model.base import CausalLM
 from mythos.model.config import ModelConfig
 from mythos.model.injection import build_injection
 from mythos.model.layers import Block, KVCache, RMSNorm, init_weights
+from mythos.model.loop_state import ACTState, Exits, Loop, LoopStats, ponder_cost
 from mythos.model.loops import sample_loop_counts
-
-
-class ACTState:
-    """Running ACT accumulators for positions ``[B, S]`` (fp32)."""
-
-    def __init__(self, h: Tensor) -> None:
-        b, s, _ = h.shape
-        self.cum = h.new_zeros(b, s, dtype=torch.float32)
-        self.remainder = h.new_zeros(b, s, dtype=torch.float32)
-        self.n_updates = h.new_zeros(b, s, dtype=torch.float32)
-        self.running = torch.ones(b, s, dtype=torch.bool, device=h.device)
-        self.output = torch.zeros_like(h)
-
-    def update(self, p: Tensor, h_new: Tensor, active: Tensor, last: bool, threshold: float) -> Tensor:
-        """Fold iteration state ``h_new`` in with halting probs ``p [B,S]``; returns the mask of
-        positions that ran this iteration (to freeze the others)."""
-        run = self.running & active
-        halt = run & ((self.cum + p >= threshold) | last)
-        cont = run & ~halt
-        w = torch.where(halt, 1.0 - self.cum, torch.where(cont, p, torch.zeros_like(p)))
-        self.output = self.output + w.unsqueeze(-1).to(h_new.dtype) * h_new
-        self.remainder = torch.where(halt, 1.0 - self.cum, self.remainder)
-        self.cum = self.cum + torch.where(cont, p, torch.zeros_like(p))
-        self.n_updates = self.n_updates + run.float()
-        self.running = self.running & ~halt
-        return run
+from mythos.model.rows import ActiveRows, RowsCache, to_device
 
 
 class RDT(CausalLM):
@@ -137,34 +120,26 @@ class RDT(CausalLM):
             return self._resolve_loops(batch, None, counts, None)
         return int(lc.eval_loops or round(lc.mean)), None
 
-    def _iterate(
-        self,
-        h: Tensor,
-        inj_ctx: object,
-        loop_idx: int | Tensor | None,
-        rope: tuple[Tensor, Tensor],
-        value_embeds: list[Tensor | None],
-        cache: KVCache | None,
-        t: int,
-    ) -> tuple[Tensor, Tensor | None]:
-        """One loop iteration: inject, then the R core blocks. Returns (h_next, MoE aux sum)."""
-        u = self.injection.step(h, inj_ctx)
-        if self.loop_embed is not None:
-            idx = loop_idx if isinstance(loop_idx, Tensor) else torch.tensor(loop_idx, device=u.device)
-            emb = self.loop_embed(idx.clamp(max=self.loop_embed.num_embeddings - 1))
-            u = u + (emb.unsqueeze(-2) if emb.dim() == 2 else emb)
-        lora_idx = loop_idx if self.cfg.lora.rank else None
-        aux_sum: Tensor | None = None
-        off = self.core_layer_offset
-        for j, block in enumerate(self.core):
-            u, aux = block(
-                u, rope, value_embed=value_embeds[j], loop_idx=lora_idx, cache=cache, cache_key=(t, off + j)
-            )
-            if aux is not None:
-                aux_sum = aux if aux_sum is None else aux_sum + aux
-        return u, aux_sum
+    def _exit_options(self, cache: KVCache | None, loop_counts: Tensor | None, exit_kl: float | None,
+                      exit_act: bool | None, exit_positions: str) -> tuple[float, bool]:
+        """-> (KL threshold, ACT exit) in effect, checked. Defaults: no exit without a cache; with
+        a cache (decoding) ``cfg.early_exit_kl`` and, for an ACT model, the ACT exit."""
+        kl = float(self.cfg.early_exit_kl if exit_kl is None and cache is not None else (exit_kl or 0.0))
+        act_exit = (self.halt is not None and cache is not None) if exit_act is None else bool(exit_act)
+        if kl < 0:
+            raise ValueError(f"exit_kl must be >= 0, got {kl}")
+        if act_exit and self.halt is None:
+            raise ValueError(f"exit_act: {self.cfg.name} has no ACT halting unit (model.act.enabled=false)")
+        if exit_positions not in ("last", "all"):
+            raise ValueError(f"exit_positions must be 'last' or 'all', got {exit_positions!r}")
+        if (bool(exit_kl) or bool(exit_act)) and (self.training or loop_counts is not None):
+            raise ValueError("adaptive exit is an inference option: eval mode, with num_loops as the cap "
+                             "(not loop_counts: the exit picks each row's count)")
+        return kl, act_exit
 
-    def _finish(self, h: Tensor, input_ids: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
+    def _finish(self, h: Tensor, input_ids: Tensor, rope: tuple[Tensor, Tensor],
+                cache: KVCache | RowsCache | None) -> Tensor:
+        """Readout and coda: the loop's state ``h [B, S, d]`` -> ``[B, S, d]`` for the head."""
         y = self.readout(h)
         base = self.cfg.n_prelude + self.cfg.n_core
         for j, block in enumerate(self.coda):
@@ -181,23 +156,25 @@ class RDT(CausalLM):
                 k, v = cache.store[(from_iter, off + j)]
                 cache.update((t, off + j), k[:, :, -new_len:], v[:, :, -new_len:])
 
+    def _trial_readout(self, h: Tensor, input_ids: Tensor, lp: Loop) -> Tensor:
+        """:meth:`_finish` of the state ``h [a, S, d]`` of an iteration that may not be the last,
+        for an exit test: the coda reads the cache (``lp.cache``), and stores nothing in it."""
+        if lp.cache is not None:
+            lp.cache.peek = True
+        try:
+            return self._finish(h, input_ids, lp.rope, lp.cache)
+        finally:
+            if lp.cache is not None:
+                lp.cache.peek = False
+
     # ------------------------------------------------------------------ trunk
-    def trunk(
-        self,
-        x: Tensor,
-        input_ids: Tensor,
-        rope: tuple[Tensor, Tensor],
-        cache: KVCache | None,
-        *,
-        num_loops: int | None = None,
-        loop_counts: Tensor | None = None,
-        n_steps: int | None = None,
-        h0: Tensor | None = None,
-        exit_kl: float | None = None,
-        exit_act: bool | None = None,
-        exit_positions: str = "last",
-    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        """``num_loops``: run every sequence this many iterations. ``loop_counts [B]`` (CPU) with
+    def trunk(self, x: Tensor, input_ids: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, *,
+              num_loops: int | None = None, loop_counts: Tensor | None = None, n_steps: int | None = None,
+              h0: Tensor | None = None, exit_kl: float | None = None, exit_act: bool | None = None,
+              exit_positions: str = "last") -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """Embedded tokens ``x [B, S, d]`` -> (final states ``[B, S, d]``, aux loss, metrics).
+
+        ``num_loops``: run every sequence this many iterations. ``loop_counts [B]`` (CPU) with
         optional ``n_steps``: per-sequence counts and the number of iterations to run (>= max;
         more only to keep ZeRO-3 ranks in step). Neither: sample in training, ``loops.eval_loops``
         in eval. ``h0 [B, S, d]``: the initial state (default: noise in training, zeros in eval).
@@ -205,164 +182,186 @@ class RDT(CausalLM):
         ``exit_kl`` / ``exit_act`` / ``exit_positions`` (eval only): per-row adaptive exit with
         ``num_loops`` as the cap, see :meth:`_trunk_adaptive`. Defaults: no exit without a cache;
         with a cache (decoding) ``cfg.early_exit_kl`` and, for an ACT model, the ACT exit."""
-        cfg = self.cfg
-        b, s, _ = x.shape
-        kl = float(cfg.early_exit_kl if exit_kl is None and cache is not None else (exit_kl or 0.0))
-        act_exit = (self.halt is not None and cache is not None) if exit_act is None else bool(exit_act)
-        if kl < 0:
-            raise ValueError(f"exit_kl must be >= 0, got {kl}")
-        if act_exit and self.halt is None:
-            raise ValueError(f"exit_act: {cfg.name} has no ACT halting unit (model.act.enabled=false)")
-        if exit_positions not in ("last", "all"):
-            raise ValueError(f"exit_positions must be 'last' or 'all', got {exit_positions!r}")
-        explicit = bool(exit_kl) or bool(exit_act)
-        if explicit and (self.training or loop_counts is not None):
-            raise ValueError("adaptive exit is an inference option: eval mode, with num_loops as the cap "
-                             "(not loop_counts: the exit picks each row's count)")
+        b = x.shape[0]
+        kl, act_exit = self._exit_options(cache, loop_counts, exit_kl, exit_act, exit_positions)
         if (kl > 0 or act_exit) and not self.training and loop_counts is None:
             n, _ = self._resolve_loops(b, num_loops, None, None)
             return self._trunk_adaptive(x, input_ids, rope, cache, n=n, exit_kl=kl, exit_act=act_exit,
                                         exit_positions=exit_positions, h0=h0)
         n, counts = self._resolve_loops(b, num_loops, loop_counts, n_steps)
-        plan = _ActiveRows(counts, n, x.device) if (
-            counts is not None and cfg.loops.execution == "active" and cache is None) else None
-        if plan is not None and plan.perm is not None:  # order rows by T: the active set is a prefix
-            x, input_ids = x[plan.perm], input_ids[plan.perm]
-            h0 = None if h0 is None else h0[plan.perm]
+        # active rows need per-row counts, and no cache: its rows stay in the caller's order
+        plan = ActiveRows(counts, n, x.device) if (
+            counts is not None and self.cfg.loops.execution == "active" and cache is None) else None
+        if plan is not None:  # order rows by T: the active set is a prefix
+            x, input_ids = plan.order(x), plan.order(input_ids)
+            h0 = None if h0 is None else plan.order(h0)
+        h, lp = self._start(x, input_ids, rope, cache, h0, n)
+        if plan is not None:
+            h = self._run_active(h, lp, plan)
+        else:
+            start = None if counts is None else to_device(n - counts, x.device)
+            # with a cache (inference) the batch stops as a whole once every row converged
+            stop_kl = kl if (cache is not None and not self.training) else 0.0
+            h = self._run_masked(h, lp, start, input_ids, stop_kl, act_exit)
+        aux = lp.stats.aux(counts.float().mean() if counts is not None else torch.tensor(float(n)))
+        aux_loss: Tensor | None = None
+        if lp.act is not None:  # the output is the halting-weighted mix of the iterations' states
+            h = lp.act.output
+            aux_loss = ponder_cost(self.cfg, lp.act.n_updates, lp.act.remainder, aux, bins=n + 1)
+        aux_loss = lp.stats.add_moe_balance(self.cfg, aux_loss, aux)
+        y = self._finish(h, input_ids, rope, cache)
+        return (y if plan is None else plan.restore(y)), aux_loss, aux
 
+    def _start(self, x: Tensor, input_ids: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None,
+               h0: Tensor | None, n: int, core_cache: RowsCache | None = None) -> tuple[Tensor, Loop]:
+        """What every execution runs first: the prelude on ``x [B, S, d]``, the injection context
+        and value embeddings, ``h_0 [B, S, d]``. -> ``(h_0, loop state)`` for ``n`` iterations.
+        The core sees ``core_cache`` when given (the adaptive exit's row view), else ``cache``."""
+        cfg = self.cfg
         for j, block in enumerate(self.prelude):
             x = self.run_block(block, x, rope, self.value_embed(j, input_ids), cache, (-1, j))
         e = self.prelude_norm(x)
-        inj_ctx = self.injection(e)
+        ctx = self.injection(e)  # the part of the injection that depends on e only: once per forward
         off = self.core_layer_offset
-        ve_core = [self.value_embed(off + j, input_ids) for j in range(cfg.n_core)]
-
+        ve = [self.value_embed(off + j, input_ids) for j in range(cfg.n_core)]
         if h0 is not None:
             h = h0.to(e.dtype)
-        elif self.training and cfg.h0 == "noise":
+        elif self.training and cfg.h0 == "noise":  # fresh noise each training forward
             h = torch.empty_like(e)
             nn.init.trunc_normal_(h, std=cfg.h0_std, a=-2 * cfg.h0_std, b=2 * cfg.h0_std)
         else:
-            h = torch.zeros_like(e)
-        # masked execution: first active iteration per row (device), for torch.where
-        start = None if counts is None or plan is not None else _to_device(n - counts, x.device)
+            h = torch.zeros_like(e)  # the noise mean: evaluation is deterministic
         bwd = cfg.loops.bwd_depth
+        # truncated backprop: right-aligned counts make "the last bwd_depth iterations" per row too
         grad_from = max(n - bwd, 0) if (self.training and bwd > 0) else 0
-        outer_grad = torch.is_grad_enabled()
         act = ACTState(h) if self.halt is not None else None
-        all_active = torch.ones(b, 1, dtype=torch.bool, device=x.device)
-        aux_terms: list[tuple[Tensor, int]] = []
-        # a cache with per-sequence loop_counts: the batch stops as a whole (every row converged)
-        exit_kl = kl if (cache is not None and not self.training) else 0.0
-        prev_logp: Tensor | None = None
-        ran = n
+        lp = Loop(ctx, ve, rope, cache if core_cache is None else core_cache, n, torch.is_grad_enabled(),
+                  grad_from, act, LoopStats(x.shape[0]))
+        return h, lp
 
-        for t in range(n):
-            rows = b if plan is None else plan.active[t]  # rows computed this iteration (a prefix)
-            if plan is not None:
-                active, loop_idx = plan.mask(t), t - plan.start[:rows]
-            elif start is None:
+    # ------------------------------------------------------------------ one iteration
+    def _iterate(self, h: Tensor, inj_ctx: object, loop_idx: int | Tensor | None, rope: tuple[Tensor, Tensor],
+                 value_embeds: list[Tensor | None], cache: KVCache | RowsCache | None,
+                 t: int) -> tuple[Tensor, Tensor | None]:
+        """The loop body, the same in every execution: inject, add the loop embedding, run the R
+        core blocks (LoRA adapters picked by ``loop_idx``). ``h [a, S, d]`` and ``inj_ctx``,
+        ``value_embeds`` of the same ``a`` rows; ``loop_idx``: one int, or ``[a]`` per row (each
+        row's own iteration number). ``t`` keys the cache slots. -> (h_next [a, S, d], MoE aux sum)."""
+        u = self.injection.step(h, inj_ctx)
+        if self.loop_embed is not None:
+            idx = loop_idx if isinstance(loop_idx, Tensor) else torch.tensor(loop_idx, device=u.device)
+            emb = self.loop_embed(idx.clamp(max=self.loop_embed.num_embeddings - 1))
+            u = u + (emb.unsqueeze(-2) if emb.dim() == 2 else emb)
+        lora_idx = loop_idx if self.cfg.lora.rank else None
+        aux_sum: Tensor | None = None
+        off = self.core_layer_offset
+        for j, block in enumerate(self.core):
+            u, aux = block(
+                u, rope, value_embed=value_embeds[j], loop_idx=lora_idx, cache=cache, cache_key=(t, off + j)
+            )
+            if aux is not None:
+                aux_sum = aux if aux_sum is None else aux_sum + aux
+        return u, aux_sum
+
+    def _core_step(self, h: Tensor, ctx: object, loop_idx: int | Tensor, ve: list[Tensor | None], t: int,
+                   lp: Loop) -> Tensor:
+        """Iteration ``t`` on the rows of ``h [a, S, d]`` (``ctx``, ``ve``, ``loop_idx`` of the
+        same rows): :meth:`_iterate`, checkpointed when configured, recorded in ``lp.stats``.
+        The caller holds autograd at ``lp.tracked(t)`` around this and the state update after it,
+        so both are in the graph of a tracked iteration and neither is in an untracked one."""
+        track = lp.tracked(t)
+        if track and self.cfg.checkpoint_loops and self.training and lp.cache is None:
+            # one checkpointed region per iteration: activation memory O(1) per tracked iteration
+            h_new, aux = checkpoint(self._iterate, h, ctx, loop_idx, lp.rope, ve, None, t, use_reentrant=False)
+        else:
+            h_new, aux = self._iterate(h, ctx, loop_idx, lp.rope, ve, lp.cache, t)
+        lp.stats.record(h.shape[0], track, aux)
+        return h_new
+
+    def _act_fold(self, act: ACTState, h: Tensor, h_new: Tensor, active: Tensor, last: bool,
+                  rows: int | None = None) -> Tensor:
+        """Fold the iteration's state ``h_new [B, S, d]`` into ``act`` and return the next state:
+        ``h_new`` where a position ran, ``h`` where it halted before or is not active (``active``
+        ``[B, 1]`` or ``[B, S]``). ``last``: the forced remainder. ``rows``: halting probabilities
+        of ``h_new[:rows]`` only (the rows computed), the others get 0; None: of all rows."""
+        p = torch.sigmoid(self.halt(h_new if rows is None else h_new[:rows]).squeeze(-1).float())
+        if rows is not None and rows < h_new.shape[0]:
+            p = torch.cat([p, p.new_zeros(h_new.shape[0] - rows, h_new.shape[1])])
+        run = act.update(p, h_new, active, last, self.cfg.act.threshold)
+        return torch.where(run.unsqueeze(-1), h_new, h)
+
+    # ------------------------------------------------------------------ executions
+    def _run_active(self, h: Tensor, lp: Loop, plan: ActiveRows) -> Tensor:
+        """Active-rows execution of ``lp.n`` iterations on ``h_0 [B, S, d]`` (rows in plan order,
+        by T descending): iteration t runs the core on the prefix ``h[:a_t]`` only; the rows past
+        it have not started and keep ``h_0``. Each row's loop index is its own iteration number
+        ``t - start``. -> the state after the last iteration (``[B, S, d]``, plan order)."""
+        b = h.shape[0]
+        for t in range(lp.n):
+            a = plan.active[t]  # rows computed this iteration; 0 in a ZeRO-3 lockstep iteration
+            loop_idx = t - plan.start[:a]
+            h_in = h if a == b else h[:a]
+            ctx = lp.ctx if a == b else self.injection.rows(lp.ctx, a)
+            ve = lp.ve if a == b else [None if v is None else v[:a] for v in lp.ve]
+            with torch.set_grad_enabled(lp.tracked(t)):
+                h_new = self._core_step(h_in, ctx, loop_idx, ve, t, lp)
+                if a < b:
+                    h_new = torch.cat([h_new, h[a:]])
+                h = h_new if lp.act is None else self._act_fold(lp.act, h, h_new, plan.mask(t), t == lp.n - 1, a)
+        return h
+
+    def _run_masked(self, h: Tensor, lp: Loop, start: Tensor | None, input_ids: Tensor, exit_kl: float,
+                    exit_act: bool) -> Tensor:
+        """Masked execution of ``lp.n`` iterations on ``h_0 [B, S, d]``: every row runs every
+        iteration, and a row before its first one (``start [B]`` on the device; None: all rows
+        from 0) keeps its state by ``torch.where``. With a cache the whole batch may stop early
+        (:meth:`_batch_converged`); the skipped iterations' cache slots are filled in.
+        -> the state after the last iteration run (``[B, S, d]``)."""
+        b, s, _ = h.shape
+        all_active = torch.ones(b, 1, dtype=torch.bool, device=h.device)
+        prev: Tensor | None = None  # log p_{t-1} at the last position, for the KL stop
+        for t in range(lp.n):
+            if start is None:
                 active, loop_idx = all_active, t
             else:
                 active = (t >= start).unsqueeze(-1)  # [B, 1]
                 loop_idx = (t - start).clamp(min=0)
-            h_in = h if rows == b else h[:rows]
-            ctx = inj_ctx if rows == b else self.injection.rows(inj_ctx, rows)
-            ve = ve_core if rows == b else [None if v is None else v[:rows] for v in ve_core]
-            track = outer_grad and t >= grad_from
-            with torch.set_grad_enabled(track):
-                if track and cfg.checkpoint_loops and self.training and cache is None:
-                    h_new, aux = checkpoint(
-                        self._iterate, h_in, ctx, loop_idx, rope, ve, None, t, use_reentrant=False
-                    )
+            with torch.set_grad_enabled(lp.tracked(t)):
+                h_new = self._core_step(h, lp.ctx, loop_idx, lp.ve, t, lp)
+                if lp.act is not None:
+                    h = self._act_fold(lp.act, h, h_new, active, t == lp.n - 1, b)
                 else:
-                    h_new, aux = self._iterate(h_in, ctx, loop_idx, rope, ve, cache, t)
-                if aux is not None:
-                    aux_terms.append((aux, rows))
-                if rows < b:  # rows past the prefix keep their state (they have not started)
-                    h_new = torch.cat([h_new, h[rows:]])
-                if act is not None:
-                    p = torch.sigmoid(self.halt(h_new[:rows]).squeeze(-1).float())
-                    if rows < b:
-                        p = torch.cat([p, p.new_zeros(b - rows, s)])
-                    ran_mask = act.update(p, h_new, active, t == n - 1, cfg.act.threshold)
-                    h = torch.where(ran_mask.unsqueeze(-1), h_new, h)
-                elif start is None:
-                    h = h_new
-                else:
-                    h = torch.where(active.unsqueeze(-1), h_new, h)
-
-            if cache is not None and t < n - 1:  # inference-time early stopping
-                stop = act is not None and act_exit and not bool(act.running.any())
-                if exit_kl > 0 and not stop:
-                    cache.peek = True
-                    logp = F.log_softmax(self.head(self._finish(h, input_ids, rope, cache))[:, -1].float(), -1)
-                    cache.peek = False
-                    if prev_logp is not None:
-                        kl = F.kl_div(prev_logp, logp, log_target=True, reduction="none").sum(-1)
-                        stop = bool((kl < exit_kl).all())
-                    prev_logp = logp
+                    h = h_new if start is None else torch.where(active.unsqueeze(-1), h_new, h)
+            if lp.cache is not None and t < lp.n - 1:
+                stop, prev = self._batch_converged(h, input_ids, lp, prev, exit_kl, exit_act)
                 if stop:
-                    self._fill_cache(cache, t, n, s)
-                    ran = t + 1
+                    self._fill_cache(lp.cache, t, lp.n, s)
                     break
+        return h
 
-        aux: dict[str, Tensor] = {"loops_run": torch.tensor(float(ran))}
-        aux["loops_mean"] = counts.float().mean() if counts is not None else torch.tensor(float(n))
-        # core iterations computed per sequence, forward and with autograd (what the hardware ran,
-        # for HFU; with active rows the sequences' own T and min(T, bwd_depth))
-        tracked = range(grad_from, ran) if outer_grad else range(0)
-        if plan is not None:
-            aux["loops_executed"] = torch.tensor(sum(plan.active[:ran]) / b)
-            aux["bwd_loops_executed"] = torch.tensor(sum(plan.active[t] for t in tracked) / b)
-        else:
-            aux["loops_executed"] = torch.tensor(float(ran))
-            aux["bwd_loops_executed"] = torch.tensor(float(len(tracked)))
-        aux_loss: Tensor | None = None
-        if act is not None:
-            h = act.output
-            ponder = (act.n_updates + act.remainder).mean()
-            aux_loss = cfg.act.ponder_weight * ponder
-            aux["ponder"] = ponder.detach()
-            aux["act_steps"] = act.n_updates.mean().detach()
-            # histogram of per-position step counts (each in [0, n]): a fixed-size scatter_add
-            # instead of ``bincount``, whose output size depends on the data (a host sync on GPU)
-            steps = act.n_updates.detach().long().flatten()
-            aux["act_halt_hist"] = torch.zeros(n + 1, dtype=torch.long, device=steps.device).scatter_add_(
-                0, steps, torch.ones_like(steps))
-        aux_loss = _add_moe_balance(aux_terms, cfg, aux_loss, aux)
-        y = self._finish(h, input_ids, rope, cache)
-        if plan is not None and plan.perm is not None:
-            y = y[plan.inverse]
-        return y, aux_loss, aux
-
+    def _batch_converged(self, h: Tensor, input_ids: Tensor, lp: Loop, prev: Tensor | None, exit_kl: float,
+                         exit_act: bool) -> tuple[bool, Tensor | None]:
+        """Whether the batch stops after this iteration (fixed counts with a cache): with
+        ``exit_act`` once every position halted, with ``exit_kl > 0`` once ``KL(p_t || p_{t-1})``
+        at the last position is below it for every row. ``h [B, S, d]``: the state now; ``prev``:
+        ``log p_{t-1} [B, V]`` or None. -> ``(stop, log p_t)`` (``prev`` when not computed)."""
+        if lp.act is not None and exit_act and not bool(lp.act.running.any()):
+            return True, prev
+        if exit_kl <= 0:
+            return False, prev
+        logp = F.log_softmax(self.head(self._trial_readout(h, input_ids, lp))[:, -1].float(), -1)
+        if prev is None:
+            return False, logp
+        kl = F.kl_div(prev, logp, log_target=True, reduction="none").sum(-1)
+        return bool((kl < exit_kl).all()), logp
 
     # ------------------------------------------------------------------ adaptive exit (inference)
-    def _trunk_adaptive(
-        self,
-        x: Tensor,
-        input_ids: Tensor,
-        rope: tuple[Tensor, Tensor],
-        cache: KVCache | None,
-        *,
-        n: int,
-        exit_kl: float,
-        exit_act: bool,
-        exit_positions: str,
-        h0: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    def _trunk_adaptive(self, x: Tensor, input_ids: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, *,
+                        n: int, exit_kl: float, exit_act: bool, exit_positions: str,
+                        h0: Tensor | None) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         """Per-row adaptive depth, at most ``n`` iterations: a row that has converged leaves the
-        active set, so its later iterations are not computed while the other rows go on.
-
-        Row i exits after iteration ``T_i`` (1-based) when
-
-        - ``exit_kl > 0`` and ``T_i >= 2`` and ``KL(p_T || p_{T-1}) < exit_kl``, where ``p_t`` is
-          the next-token distribution the model would output at ``num_loops = t`` (the last
-          position with ``exit_positions="last"``; with ``"all"`` the largest KL over the row's
-          positions: every position has settled), or
-        - ``exit_act`` and every position of the row has halted (lossless: the output can no
-          longer change), or
-        - ``T_i = n``.
+        active set, so its later iterations are not computed while the other rows go on. Row i
+        exits after iteration ``T_i`` (1-based) by :meth:`_rows_done`, or at ``T_i = n``.
 
         Its output is its state at ``T_i``: **row i's logits equal the model's at fixed
         ``num_loops = T_i``** (without a cache; with ACT the state read out is the one the trunk
@@ -376,202 +375,69 @@ class RDT(CausalLM):
 
         With a cache (decoding), each forward's rows exit on their own (per token when decoding
         one token a step): iterations a row skipped get, in their cache slots, its keys/values of
-        its exit iteration (Huginn's fill-in), so later tokens can attend at every depth. Exact
-        in this sense: a batch decodes each row as that row decoded alone, and a forward with no
-        past (the prompt) gives the logits of fixed ``num_loops = T_i``.
+        its exit iteration (Huginn's fill-in, :class:`RowsCache`), so later tokens can attend at
+        every depth. Exact in this sense: a batch decodes each row as that row decoded alone, and
+        a forward with no past (the prompt) gives the logits of fixed ``num_loops = T_i``.
         """
-        cfg = self.cfg
         b, s, _ = x.shape
-        for j, block in enumerate(self.prelude):
-            x = self.run_block(block, x, rope, self.value_embed(j, input_ids), cache, (-1, j))
-        e = self.prelude_norm(x)
-        off = self.core_layer_offset
-        ve = [self.value_embed(off + j, input_ids) for j in range(cfg.n_core)]
-        h = torch.zeros_like(e) if h0 is None else h0.to(e.dtype)
-        ctx = self.injection(e)
-        act = ACTState(h) if self.halt is not None else None
-        view = _RowsCache(cache) if cache is not None else None
-        # working set: the rows still looping (``idx``: their original index), compacted on exit
-        idx = torch.arange(b, device=x.device)
-        ids = input_ids
-        out = torch.empty_like(h)  # each row's state at its exit
-        exit_t = torch.full((b,), n, dtype=torch.long)
-        act_steps = torch.zeros(b, s, dtype=torch.float32, device=x.device)
-        act_rem = torch.zeros(b, s, dtype=torch.float32, device=x.device)
-        prev: Tensor | None = None  # log p_{t-1} of the working rows, [a, V] or [a, S, V]
-        aux_terms: list[tuple[Tensor, int]] = []
-        row_iters = evals = 0
-        ran = n
+        view = RowsCache(cache) if cache is not None else None
+        h, lp = self._start(x, input_ids, rope, cache, h0, n, core_cache=view)
+        ex = Exits(h, n)
+        ids, prev = input_ids, None  # the working rows' tokens; their log p_{t-1} for the KL exit
         for t in range(n):
-            a = idx.numel()
             if view is not None:
-                view.rows = None if a == b else idx
-            h_new, aux = self._iterate(h, ctx, t, rope, ve, view, t)
-            row_iters += a
-            if aux is not None:
-                aux_terms.append((aux, a))
-            last = t == n - 1
-            if act is not None:
-                p = torch.sigmoid(self.halt(h_new).squeeze(-1).float())
-                run = act.update(p, h_new, torch.ones_like(act.running), last, cfg.act.threshold)
-                h = torch.where(run.unsqueeze(-1), h_new, h)
-                # the state the trunk outputs were t its last iteration: still-running positions
-                # take the forced remainder 1 - cum of this iteration's state
-                left = torch.where(act.running, 1.0 - act.cum, torch.zeros_like(act.cum))
-                state = act.output + left.unsqueeze(-1).to(h_new.dtype) * h_new
+                view.rows = None if ex.idx.numel() == b else ex.idx
+            h_new = self._core_step(h, lp.ctx, t, lp.ve, t, lp)
+            if lp.act is not None:
+                h = self._act_fold(lp.act, h, h_new, torch.ones_like(lp.act.running), t == n - 1)
+                state = lp.act.output_if_last(h_new)
             else:
                 h = state = h_new
-            done = torch.full((a,), last, dtype=torch.bool, device=x.device)
-            if not last and exit_act and act is not None:
-                done |= ~act.running.any(-1)
-            if not last and exit_kl > 0:
-                if view is not None:
-                    view.peek = True
-                y = self._finish(state, ids, rope, view)
-                if view is not None:
-                    view.peek = False
-                logp = F.log_softmax(self.head(y if exit_positions == "all" else y[:, -1]).float(), -1)
-                evals += a
-                if prev is not None:
-                    kl = F.kl_div(prev, logp, log_target=True, reduction="none").sum(-1)  # KL(p_t || p_t-1)
-                    done |= (kl.amax(-1) if exit_positions == "all" else kl) < exit_kl
-                prev = logp
+            done, prev = self._rows_done(state, ids, t, lp, prev, ex, exit_kl, exit_act, exit_positions)
             if not bool(done.any()):  # the one host sync per iteration: which rows go on
                 continue
-            gone = idx[done]
-            out[gone] = state[done]
-            exit_t[gone.cpu()] = t + 1
-            if act is not None:
-                act_steps[gone], act_rem[gone] = act.n_updates[done], act.remainder[done]
+            ex.retire(done, state, t, lp.act)
             if bool(done.all()):
-                ran = t + 1
                 break
-            keep = ~done
-            idx, h, ids = idx[keep], h[keep], ids[keep]
-            ctx = _take_rows(ctx, keep)
-            ve = [None if v is None else v[keep] for v in ve]
+            keep = ~done  # compact the working set: exited rows are not computed any more
+            ex.idx, h, ids = ex.idx[keep], h[keep], ids[keep]
             prev = None if prev is None else prev[keep]
-            if act is not None:
-                for name in ("cum", "remainder", "n_updates", "running", "output"):
-                    setattr(act, name, getattr(act, name)[keep])
-        if cache is not None and ran < n:
+            lp.take(keep)
+        if cache is not None and lp.stats.ran < n:
             # every row exited: the iterations nobody ran get slot ``ran - 1``'s new keys/values,
             # which hold each row's exit iteration (earlier exits were filled in per iteration)
-            self._fill_cache(cache, ran - 1, n, s)
-        aux_out: dict[str, Tensor] = {
-            "loops_run": torch.tensor(float(ran)),
-            "loops_mean": exit_t.float().mean(),
-            "loops_executed": torch.tensor(row_iters / b),
-            "bwd_loops_executed": torch.tensor(row_iters / b if torch.is_grad_enabled() else 0.0),
-            "exit_loops": exit_t,
-            "exit_evals": torch.tensor(float(evals)),
-        }
-        aux_loss: Tensor | None = None
-        if act is not None:
-            ponder = (act_steps + act_rem).mean()
-            aux_loss = cfg.act.ponder_weight * ponder
-            aux_out["ponder"] = ponder.detach()
-            aux_out["act_steps"] = act_steps.mean()
-        aux_loss = _add_moe_balance(aux_terms, cfg, aux_loss, aux_out)
-        return self._finish(out, input_ids, rope, cache), aux_loss, aux_out
+            self._fill_cache(cache, lp.stats.ran - 1, n, s)
+        aux = lp.stats.aux(ex.exit_t.float().mean())
+        aux["exit_loops"], aux["exit_evals"] = ex.exit_t, torch.tensor(float(ex.evals))
+        aux_loss = None if lp.act is None else ponder_cost(self.cfg, ex.act_steps, ex.act_rem, aux)
+        aux_loss = lp.stats.add_moe_balance(self.cfg, aux_loss, aux)
+        return self._finish(ex.out, input_ids, rope, cache), aux_loss, aux
 
+    def _rows_done(self, state: Tensor, ids: Tensor, t: int, lp: Loop, prev: Tensor | None, ex: Exits,
+                   exit_kl: float, exit_act: bool, positions: str) -> tuple[Tensor, Tensor | None]:
+        """The adaptive exit's criterion after iteration ``t`` for the ``a`` working rows, whose
+        state read out now is ``state [a, S, d]`` (tokens ``ids [a, S]``). A row is done when
 
-def _add_moe_balance(aux_terms: list[tuple[Tensor, int]], cfg: ModelConfig, aux_loss: Tensor | None,
-                     aux: dict[str, Tensor]) -> Tensor | None:
-    """``aux_loss`` plus the MoE balance term of the core calls ``aux_terms`` (``(loss, rows)``
-    each; a call's balance loss is a mean over the rows it ran, so calls are weighted by rows);
-    records ``aux["moe_balance"]``. Unchanged without MoE calls."""
-    if not aux_terms:
-        return aux_loss
-    total = sum(r for _, r in aux_terms)
-    balance = sum(a * (r / total) for a, r in aux_terms if r) / cfg.n_core
-    term = cfg.moe.balance_weight * balance
-    aux["moe_balance"] = balance.detach()
-    return term if aux_loss is None else aux_loss + term
+        - ``t`` is the last iteration, or
+        - ``exit_act`` and every position of the row has halted (lossless: the output can no
+          longer change), or
+        - ``exit_kl > 0`` and ``KL(p_t || p_{t-1}) < exit_kl``, where ``p_t`` is the next-token
+          distribution the model would output at ``num_loops = t + 1`` (the last position with
+          ``positions="last"``; with ``"all"`` the largest KL over the row's positions: every
+          position has settled). Needs a previous ``p``, so never after the first iteration.
 
-
-class _RowsCache:
-    """A :class:`KVCache` seen by a subset of its rows, for the adaptive exit.
-
-    ``rows`` (None = all): the original indices of the rows the core runs on now. ``update``
-    returns past + new keys/values of those rows only (what their attention needs). Stored, every
-    core slot ``(t, layer)`` gets this forward's keys/values for **all** rows: the rows computed
-    at ``t`` give theirs, the others (exited) keep the newest ones of that layer, i.e. those of
-    their exit iteration (the fill-in). ``peek``: return past + new without storing (the KL
-    criterion's trial readout through the coda)."""
-
-    def __init__(self, cache: KVCache) -> None:
-        self.cache = cache
-        self.rows: Tensor | None = None
-        self.peek = False
-        self.fresh: dict[int, tuple[Tensor, Tensor]] = {}
-        """core layer -> this forward's newest keys/values ``[B, kv_heads, S_new, head_dim]``"""
-
-    @property
-    def pos(self) -> int:
-        return self.cache.pos
-
-    def update(self, key: tuple[int, int], k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        rows = self.rows
-        if rows is not None and self.peek:
-            past = self.cache.store.get(key)
-            if past is None:
-                return k, v
-            return torch.cat([past[0][rows], k], dim=2), torch.cat([past[1][rows], v], dim=2)
-        if rows is not None:  # a core slot with some rows exited: theirs from their exit iteration
-            fk, fv = self.fresh[key[1]]
-            k, v = fk.index_copy(0, rows, k), fv.index_copy(0, rows, v)
-        if key[0] >= 0 and not self.peek:
-            self.fresh[key[1]] = (k, v)
-        self.cache.peek = self.peek
-        try:
-            full_k, full_v = self.cache.update(key, k, v)
-        finally:
-            self.cache.peek = False
-        return (full_k, full_v) if rows is None else (full_k[rows], full_v[rows])
-
-
-def _take_rows(ctx: object, keep: Tensor) -> object:
-    """The injection context of the rows ``keep`` (bool over the working rows): per-row tensors
-    (``[a, S, d]``) are indexed, per-channel ones (LTI's ``A_bar [d]``) kept."""
-    if isinstance(ctx, tuple):
-        return tuple(_take_rows(c, keep) for c in ctx)
-    if isinstance(ctx, Tensor) and ctx.dim() >= 2 and ctx.shape[0] == keep.numel():
-        return ctx[keep]
-    return ctx
-
-
-class _ActiveRows:
-    """Host-side plan for running per-sequence loop counts on active rows only.
-
-    With right-aligned counts, sequence i is active in iterations ``[n - T_i, n)``. Once the rows
-    are ordered by T (descending, ``perm``; None when already ordered), the active set of every
-    iteration is a prefix: ``active[t]`` rows. All of it is computed on the host from the CPU
-    counts, so the loop needs no device sync. ``active[t]`` may be 0 when ``n`` exceeds the
-    largest count (ZeRO-3 keeps ranks in step): the core is then called on zero rows.
-    """
-
-    def __init__(self, counts: Tensor, n: int, device: torch.device) -> None:
-        b = counts.numel()
-        order = torch.argsort(counts, descending=True, stable=True)
-        self.perm: Tensor | None = None
-        self.inverse: Tensor | None = None
-        if not bool((order == torch.arange(b)).all()):
-            self.perm = _to_device(order, device)
-            self.inverse = _to_device(torch.argsort(order), device)
-        first = n - counts[order]  # first active iteration of each ordered row (ascending)
-        self.active = [int(v) for v in torch.searchsorted(first, torch.arange(n), right=True)]
-        self.start = _to_device(first, device)
-        self._rows = torch.arange(b, device=device).unsqueeze(-1)
-
-    def mask(self, t: int) -> Tensor:
-        """``[B, 1]`` bool: rows active in iteration ``t`` (a prefix)."""
-        return self._rows < self.active[t]
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Host index tensor -> ``device`` without a host sync: a plain ``.to("cuda")`` from pageable
-    memory waits for the copy; from pinned memory with ``non_blocking`` it is queued."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+        ``prev``: ``log p_{t-1}`` (``[a, V]``, or ``[a, S, V]`` with "all"), None at first.
+        -> ``(done [a] bool, log p_t)``; KL readouts are counted in ``ex.evals``."""
+        last = t == lp.n - 1
+        done = torch.full((state.shape[0],), last, dtype=torch.bool, device=state.device)
+        if not last and exit_act and lp.act is not None:
+            done |= ~lp.act.running.any(-1)
+        if last or exit_kl <= 0:
+            return done, prev
+        y = self._trial_readout(state, ids, lp)
+        logp = F.log_softmax(self.head(y if positions == "all" else y[:, -1]).float(), -1)
+        ex.evals += state.shape[0]
+        if prev is not None:
+            kl = F.kl_div(prev, logp, log_target=True, reduction="none").sum(-1)  # KL(p_t || p_t-1)
+            done |= (kl.amax(-1) if positions == "all" else kl) < exit_kl
+        return done, logp
