@@ -57,13 +57,13 @@ def data_corpus(tmp_path_factory: pytest.TempPathFactory) -> SmallCorpus:
 @pytest.fixture(scope="session")
 def short_runs(data_corpus: SmallCorpus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``{"rdt": RUN_DIR, "dense": RUN_DIR}``: 4 steps each (checkpoint at step 4, a val pass at
-    steps 2 and 4), ZeRO-2, the session's Shakespeare shards."""
+    steps 2 and 4), ZeRO-2, the session's Shakespeare shards; through the ``deepspeed`` launcher."""
     root = tmp_path_factory.mktemp("short_runs")
     runs = {}
     for name, config in (("rdt", RDT), ("dense", DENSE)):
         runs[name] = root / name
         run_training(config, runs[name], data_corpus.shards_dir,
-                     ["train.max_steps=4", "train.save_interval=4", "train.eval_interval=2"])
+                     ["train.max_steps=4", "train.save_interval=4", "train.eval_interval=2"], launcher="deepspeed")
     return runs
 
 

@@ -97,7 +97,7 @@ def test_truncated_shard_mid_run_ends_the_job_promptly(data_corpus, tmp_path: Pa
     out_log, err_log = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with open(out_log, "w") as out, open(err_log, "w") as err:
         proc = subprocess.Popen(
-            launch_cmd(DENSE, run_dir, shards, overrides), cwd=REPO, env=ds_env(),
+            launch_cmd(DENSE, run_dir, shards, overrides, launcher="deepspeed"), cwd=REPO, env=ds_env(),
             stdout=out, stderr=err, text=True, start_new_session=True,
         )
     try:

@@ -28,7 +28,8 @@ def _gpu_env() -> dict[str, str]:
 
 
 def _train(config: str, run_dir: Path, shards: Path) -> None:
-    proc = subprocess.run(launch_cmd(config, run_dir, shards, ARGS, nproc=1), cwd=REPO, env=_gpu_env(),
+    proc = subprocess.run(launch_cmd(config, run_dir, shards, ARGS, nproc=1, launcher="deepspeed"), cwd=REPO,
+                          env=_gpu_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
