@@ -221,7 +221,6 @@ class Trainer:
                           f"{event['skip_from_step']}, lr x{sp.lr_factor:g} from there (rollback "
                           f"{len(self.rollbacks.events)} of at most {sp.max_rollbacks}; {ROLLBACKS})")
 
-
     # ------------------------------------------------------------------ phases
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: float,
                    batch_index: int = -1) -> dict[str, Any]:
@@ -301,38 +300,23 @@ class Trainer:
                 stats[f"rdt/{name}"] = v
         return stats
 
-
     def save(self, data_state: dict[str, Any] | None = None) -> Path:
         """Checkpoint this step (:class:`Checkpointer`); ``data_state``: see its ``save``."""
         path = self.checkpointer.save(data_state)
         self.logger.print(f"saved checkpoint {path}")
         return path
 
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        t = self.cfg.train
+        """Train to ``total_steps`` (or until a signal: save and return). The phases of one step
+        are in the module docstring; each component decides its own cadence (``due``)."""
         start_step, t0 = self.step, time.perf_counter()
-        consecutive_bad = 0
-        if self.resumed_from:
-            self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
-        self.logger.print(
-            f"{self.cfg.name}: {self.cfg.model.kind} {self.n_params / 1e6:.2f}M params | world {self.info.world_size}"
-            f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {self.tokens_per_step} tokens"
-            f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir.resolve()}"
-        )
-        if self.total_steps <= self.cfg.optim.warmup_steps:  # e.g. a README-style train.max_steps=20 smoke run
-            self.logger.print(f"warning: all {self.total_steps} steps are inside the lr warmup "
-                              f"(optim.warmup_steps={self.cfg.optim.warmup_steps}): the lr never reaches optim.lr")
+        self.bad_streak = 0  # non-finite steps in a row (train.max_bad_steps)
+        self._announce()
         try:
             while self.step < self.total_steps:
                 step_t0 = time.perf_counter()
-                data_state = self.loader.state_dict()  # a save here resumes from it (skips re-applied)
-                if skip := self.rollbacks.skips_at(self.step + 1):  # a rollback's offending batches
-                    self.loader.skip(skip)
-                draw_state = self.loader.state_dict() if skip else data_state
-                batch_index = self.loader.batches_drawn
-                micro = self.loader.next_step()
+                data_state, draw_state, batch_index, micro = self._draw()
                 data_wait = time.perf_counter() - step_t0
                 global_tokens, stop = self._agree(draw_state, micro)
                 if stop:  # some rank got SIGTERM/SIGUSR1: all save this step and exit
@@ -340,27 +324,10 @@ class Trainer:
                     self.logger.print(f"stopping on signal at step {self.step}: checkpoint saved; resume: auto goes on")
                     return {"step": self.step, "stopped_on_signal": True}
                 stats = self.train_step(micro, global_tokens, batch_index)
-                self.progress.advance(self.tokens_per_step, self.flops_per_token * self.tokens_per_step,
-                                      bad=stats["bad"], skipped=stats["skipped"])
-                self.spikes.record(self.step, stats["flagged"])
-                if stats["flagged"]:
-                    self.logger.print(f"step {self.step}: loss {stats['loss']:.4f} is a spike "
-                                      f"({self.spikes.last_z:.1f} sigma > train.spike.sigma={t.spike.sigma:g}): "
-                                      f"update skipped ({len(self.spikes.streak)} in a row)")
-                consecutive_bad = consecutive_bad + 1 if stats["bad"] else 0
-                executed = (stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"]) if self.layout else None
-                self.throughput.add_step(time.perf_counter() - step_t0, data_wait, executed)
-                if stats["bad"]:
-                    self.logger.print(f"step {self.step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
+                self._account(stats, step_t0, data_wait)
                 if self.logger.due(self.step, self.total_steps, force=stats["bad"] or stats["flagged"]):
                     self.log_metrics(stats, start_step, t0)
-                if consecutive_bad >= t.max_bad_steps:
-                    last = ckpt.list_tags(self.ckpt_root)
-                    where = last[-1][1] if last else "none yet"
-                    raise TrainingStopped(
-                        f"stopping: {consecutive_bad} consecutive steps with a non-finite loss (train.max_bad_steps="
-                        f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"
-                    )
+                self._stop_on_bad_streak()
                 if self.spikes.rollback_due:
                     self.rollback()
                     continue
@@ -369,15 +336,68 @@ class Trainer:
                     self.save()
             return {"step": self.step, "stopped_on_signal": False}
         finally:
-            if self.info.is_main:
-                try:  # bookkeeping must not mask the exception that ends the run, if any
-                    end_segment(self.run_dir, self.step)
-                except OSError as exc:
-                    print(f"warning: could not record the end of this segment in run_info.json: {exc}",
-                          file=sys.stderr)
-            self.stop.restore()
-            self.logger.close()
-            self.loader.close()
+            self._close()
+
+    def _announce(self) -> None:
+        """The run's first lines: where it resumed, what it trains, an lr warmup it never leaves."""
+        cfg = self.cfg
+        if self.resumed_from:
+            self.logger.print(f"resumed from {self.resumed_from} at step {self.step}")
+        self.logger.print(
+            f"{cfg.name}: {cfg.model.kind} {self.n_params / 1e6:.2f}M params | world {self.info.world_size}"
+            f" | ZeRO-{self.zero_stage} | {self.total_steps} steps x {self.tokens_per_step} tokens"
+            f" | data fingerprint {self.fingerprint[:16]} | run dir {self.run_dir.resolve()}"
+        )
+        if self.total_steps <= cfg.optim.warmup_steps:  # e.g. a README-style train.max_steps=20 smoke run
+            self.logger.print(f"warning: all {self.total_steps} steps are inside the lr warmup "
+                              f"(optim.warmup_steps={cfg.optim.warmup_steps}): the lr never reaches optim.lr")
+
+    def _draw(self) -> tuple[dict[str, Any], dict[str, Any], int, list[dict[str, torch.Tensor]]]:
+        """``(data_state, draw_state, batch_index, micro_batches)``: a save at this step resumes from
+        ``data_state`` (a rollback's skips re-applied then); the batch was drawn at ``draw_state``."""
+        data_state = self.loader.state_dict()
+        if skip := self.rollbacks.skips_at(self.step + 1):  # a rollback's offending batches
+            self.loader.skip(skip)
+        draw_state = self.loader.state_dict() if skip else data_state
+        batch_index = self.loader.batches_drawn
+        return data_state, draw_state, batch_index, self.loader.next_step()
+
+    def _account(self, stats: dict[str, Any], step_t0: float, data_wait: float) -> None:
+        """Count the step just trained: counters, the spike streak, the non-finite streak, throughput."""
+        t = self.cfg.train
+        self.progress.advance(self.tokens_per_step, self.flops_per_token * self.tokens_per_step,
+                              bad=stats["bad"], skipped=stats["skipped"])
+        self.spikes.record(self.step, stats["flagged"])
+        if stats["flagged"]:
+            self.logger.print(f"step {self.step}: loss {stats['loss']:.4f} is a spike "
+                              f"({self.spikes.last_z:.1f} sigma > train.spike.sigma={t.spike.sigma:g}): "
+                              f"update skipped ({len(self.spikes.streak)} in a row)")
+        self.bad_streak = self.bad_streak + 1 if stats["bad"] else 0
+        executed = (stats["rdt/loops_executed"], stats["rdt/bwd_loops_executed"]) if self.layout else None
+        self.throughput.add_step(time.perf_counter() - step_t0, data_wait, executed)
+        if stats["bad"]:
+            self.logger.print(f"step {self.step}: non-finite loss, update skipped ({self.bad_streak} in a row)")
+
+    def _stop_on_bad_streak(self) -> None:
+        """``TrainingStopped`` after ``train.max_bad_steps`` non-finite steps in a row."""
+        if self.bad_streak >= (t := self.cfg.train).max_bad_steps:
+            where = last[-1][1] if (last := ckpt.list_tags(self.ckpt_root)) else "none yet"
+            raise TrainingStopped(
+                f"stopping: {self.bad_streak} consecutive steps with a non-finite loss (train.max_bad_steps="
+                f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"
+            )
+
+    def _close(self) -> None:
+        """Every exit path: the segment's end in run_info.json (rank 0), signal handlers, logger, workers."""
+        if self.info.is_main:
+            try:  # bookkeeping must not mask the exception that ends the run, if any
+                end_segment(self.run_dir, self.step)
+            except OSError as exc:
+                print(f"warning: could not record the end of this segment in run_info.json: {exc}",
+                      file=sys.stderr)
+        self.stop.restore()
+        self.logger.close()
+        self.loader.close()
 
     def _agree(self, data_state: dict[str, Any], micro: list[dict[str, torch.Tensor]]) -> tuple[float, bool]:
         """The step's first all-reduce: global label tokens (for the token-weighted loss), whether
