@@ -157,7 +157,7 @@ def resolve_checkpoint(run_dir: str | Path | None, checkpoint: str | Path | None
     ``checkpoint``: ``None``/``latest`` = the newest *complete* checkpoint under ``RUN/checkpoints``
     (:func:`mythos.run_dir.list_tags`); a tag name (``step0000200``) under
     ``RUN/checkpoints``; or a path (a tag directory, or a directory written by
-    ``python -m mythos.tools.export``). ``require_complete=False`` accepts a tag without the ``COMPLETE``
+    ``mythos-export``). ``require_complete=False`` accepts a tag without the ``COMPLETE``
     marker (the caller warns). Raises a one-line :class:`ConfigError`.
     """
     root = checkpoints(run_dir) if run_dir is not None else None

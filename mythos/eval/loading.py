@@ -3,8 +3,8 @@
 A run directory (written by :class:`mythos.train.trainer.Trainer`) holds ``config.resolved.yaml``,
 ``run_info.json`` and ``checkpoints/stepNNNNNNN/`` DeepSpeed tag directories with a ``COMPLETE``
 marker. :func:`load_run` merges the (possibly ZeRO-partitioned) fp32 master weights with
-:func:`mythos.tools.export.consolidate_deepspeed` -- the same path as ``python -m mythos.tools.export`` -- and
-builds the model on one device in eval mode. A directory written by ``python -m mythos.tools.export``
+:func:`mythos.ds_checkpoint.consolidate_deepspeed` -- the same path as ``mythos-export`` -- and
+builds the model on one device in eval mode. A directory written by ``mythos-export``
 (``model.safetensors`` + ``config.yaml``) also works as ``--checkpoint``.
 
 The model is always the *run's*: a checkpoint whose weights or exported config describe another

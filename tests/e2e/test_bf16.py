@@ -1,7 +1,7 @@
 """bf16 end to end on 2 CPU ranks through the real ``deepspeed`` launcher: both tiny models train
 (RDT under ZeRO-3, dense under ZeRO-2), a checkpoint resumes bit-identically, the NaN guard
 catches an inf raised *inside* the forward (in the RDT's looped core) and skips the update, and
-``python -m mythos.tools.export`` gives fp32 weights that are the master copy of the run's bf16 model."""
+``mythos-export`` gives fp32 weights that are the master copy of the run's bf16 model."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def test_dataloader_workers_change_nothing(zero2_runs: dict[str, Path], shards: 
 
 
 def test_export_of_two_rank_zero_checkpoints(zero2_runs: dict[str, Path], tmp_path: Path) -> None:
-    """`python -m mythos.tools.export` of a real 2-rank ZeRO-2 checkpoint gives the model the run trained:
+    """`mythos-export` of a real 2-rank ZeRO-2 checkpoint gives the model the run trained:
     its val loss (recomputed here from the exported weights) is the val loss the *live* run logged
     at that step -- an independent path, not DeepSpeed's consolidation compared with itself. The
     dense arm also exports to Hugging Face Llama with matching logits."""
