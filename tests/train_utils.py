@@ -5,9 +5,11 @@ Two launchers, both real: ``torchrun`` (the default here) and DeepSpeed's ``deep
 (``launcher="deepspeed"``). Training is the same either way -- both set the one env contract
 (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*) that :mod:`mythos.dist` reads -- but DeepSpeed's
 launcher imports deepspeed twice before it spawns a rank: a 1-step run took 10.7 s through it and
-6.7 s through torchrun on an idle 2-core machine (24.6 s vs 10.2 s with the suite running). The DeepSpeed launcher stays on the paths users
-take it for: the session runs (conftest ``short_runs``), test_train's ZeRO-2 pair, every
-signal / preemption test (``start_training``) and ``make demo``."""
+6.7 s through torchrun on an idle 2-core machine (24.6 s vs 10.2 s with the suite running). The
+DeepSpeed launcher stays on the paths users take it for: the session runs (conftest
+``short_runs``), test_train's ZeRO-2 pair, every signal / preemption test (``start_training``),
+the runs whose exit code is the claim (torchrun reports any failed rank as 1), the GPU test and
+``make demo``."""
 
 from __future__ import annotations
 
