@@ -50,6 +50,9 @@ MODELS = {
                                  "qk_norm=true", "mlp=relu2"]),
     "rdt-kl-exit": ("rdt-tiny", [*_TINY, "injection=additive", "n_prelude=0", "n_coda=0", "early_exit_kl=1e-4",
                                  "loops.eval_loops=3"]),
+    # the core's MoE FFN (routed top-2 of 4 + a shared expert) next to LoRA on the core's attention
+    "rdt-moe": ("rdt-tiny", [*_TINY, "moe.enabled=true", "moe.num_experts=4", "moe.top_k=2", "moe.num_shared=1",
+                             "lora.rank=2", "lora.max_iters=4"]),
 }
 
 EXIT_CAP = 8  # the adaptive exit's cap (num_loops) in the no-cache parity test (the child's own copy)
@@ -59,6 +62,7 @@ EXITS = {
     "rdt-tiny": [{"exit_kl": 0.1}],
     "rdt-kl-exit": [{"exit_kl": 1e-4}],
     "rdt-options": [{"exit_kl": 1e-3}, {"exit_act": True}],
+    "rdt-moe": [{"exit_kl": 0.01}],
 }
 
 
@@ -278,15 +282,20 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     return err
 
 
-def test_hf_refuses_moe_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An option the exported code cannot compute (MoE) is named in one line, exit 2, before any
-    work; the library call refuses it the same way and writes nothing."""
-    ckpt = _fake_run(tmp_path, ["moe.enabled=true", "moe.num_experts=2", "moe.top_k=1"])
+def test_hf_refuses_an_option_it_does_not_know_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An option the exported code does not know (one added to ModelConfig after the exporter; here
+    ``qk_norm``, struck from the known list) is named in one line, exit 2, before any work; the
+    library call refuses it the same way and writes nothing."""
+    import mythos.tools.hf.export as hf_export
+
+    monkeypatch.setattr(hf_export, "KNOWN_OPTIONS", hf_export.KNOWN_OPTIONS - {"qk_norm"})
+    ckpt = _fake_run(tmp_path, ["qk_norm=true"])
     out = tmp_path / "hf"
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--hf", "--tokenizer", str(tmp_path)]) == 2
-    assert _one_line_error(capsys) == "error: cannot export with --hf: moe.enabled=true"
-    model = build_model(load_model_config("rdt-tiny", [*_TINY, "moe.enabled=true", "moe.num_experts=2"]))
-    with pytest.raises(ValueError, match=r"^cannot export 'rdt-tiny' with --hf: moe.enabled=true$"):
+    assert _one_line_error(capsys) == "error: cannot export with --hf: qk_norm=True (unknown to the --hf export)"
+    model = build_model(load_model_config("rdt-tiny", [*_TINY, "qk_norm=true"]))
+    with pytest.raises(ValueError, match=r"^cannot export 'rdt-tiny' with --hf: qk_norm=True \(unknown to the --hf"):
         to_hf(model, out)
     assert not out.exists()
 

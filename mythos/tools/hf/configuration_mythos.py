@@ -59,6 +59,10 @@ class MythosConfig(PretrainedConfig):
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
         lora_max_iters: int = 16,
+        moe_num_experts: int = 0,
+        moe_top_k: int = 2,
+        moe_num_shared: int = 0,
+        moe_intermediate_size: int = 0,
         act_enabled: bool = False,
         act_threshold: float = 0.99,
         early_exit_kl: float = 0.0,
@@ -93,6 +97,10 @@ class MythosConfig(PretrainedConfig):
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_max_iters = lora_max_iters
+        self.moe_num_experts = moe_num_experts  # 0: the core's FFN is a plain MLP
+        self.moe_top_k = moe_top_k
+        self.moe_num_shared = moe_num_shared
+        self.moe_intermediate_size = moe_intermediate_size  # per expert (shared: x moe_num_shared)
         self.act_enabled = act_enabled
         self.act_threshold = act_threshold
         self.early_exit_kl = early_exit_kl

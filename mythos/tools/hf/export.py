@@ -15,11 +15,11 @@ not a silently random tensor at load time.
 
 Every option of :class:`~mythos.model.config.ModelConfig` that changes what the model computes at
 inference is carried into ``config.json`` (block style, value-embedding layers, RDT injection,
-LoRA, loop embedding, ACT, the KL early exit, the default loop count ``loops.eval_loops`` or
-``round(loops.mean)``); training-only options (loop sampling, truncated backprop, noise ``h_0``,
-init, checkpointing) are not needed. What the exported code cannot compute is refused in one
-line naming the option (:func:`hf_incompatibilities`): today ``moe.enabled=true`` (no preset or
-experiment uses MoE), and any option added to ModelConfig after this exporter was written.
+LoRA, loop embedding, ACT, the core's MoE FFN, the KL early exit, the default loop count
+``loops.eval_loops`` or ``round(loops.mean)``); training-only options (loop sampling, truncated
+backprop, noise ``h_0``, init, checkpointing, the MoE balance weight) are not needed. What the
+exported code cannot compute is refused in one line naming the option
+(:func:`hf_incompatibilities`): any option added to ModelConfig after this exporter was written.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ KNOWN_OPTIONS = frozenset({
     *(f"loops.{f.name}" for f in dataclasses.fields(ModelConfig().loops)),
     "act.enabled", "act.halt_bias_init", "act.threshold", "act.ponder_weight",
     "lora.rank", "lora.alpha", "lora.max_iters",
-    "moe.enabled",  # refused when true; the other moe fields mean nothing without it
-    "moe.num_experts", "moe.top_k", "moe.num_shared", "moe.expert_hidden", "moe.balance_weight",
+    "moe.enabled", "moe.num_experts", "moe.top_k", "moe.num_shared", "moe.expert_hidden",
+    "moe.balance_weight",  # training only
 })
 
 
@@ -83,7 +83,7 @@ def _options(obj: Any, prefix: str = "") -> dict[str, Any]:
 def hf_incompatibilities(cfg: ModelConfig) -> list[str]:
     """Options of ``cfg`` that ``MythosForCausalLM`` cannot compute, as ``name=value`` (empty when
     exportable)."""
-    bad = ["moe.enabled=true"] if cfg.moe.enabled else []
+    bad = []
     defaults = _options(ModelConfig())
     for name, value in _options(cfg).items():
         if name not in KNOWN_OPTIONS and value != defaults.get(name):
@@ -137,6 +137,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
         "lora_rank": cfg.lora.rank,
         "lora_alpha": cfg.lora.alpha,
         "lora_max_iters": cfg.lora.max_iters,
+        **_moe_fields(cfg),
         "act_enabled": cfg.act.enabled,
         "act_threshold": cfg.act.threshold,
         "early_exit_kl": cfg.early_exit_kl,
@@ -147,6 +148,17 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
         "torch_dtype": dtype_name,
         "mythos_model_config": dataclasses.asdict(cfg),
     }
+
+
+def _moe_fields(cfg: ModelConfig) -> dict[str, int]:
+    """The core's MoE in ``config.json`` (``moe_num_experts=0``: none); the expert width is
+    resolved here exactly as :class:`mythos.model.moe.MoE` resolves it."""
+    m = cfg.moe
+    if not m.enabled:
+        return {"moe_num_experts": 0}
+    hidden = m.expert_hidden or max(cfg.ffn_hidden // m.top_k, 1)
+    return {"moe_num_experts": m.num_experts, "moe_top_k": m.top_k, "moe_num_shared": m.num_shared,
+            "moe_intermediate_size": hidden}
 
 
 def hf_state_dict(state_dict: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:

@@ -17,7 +17,8 @@ greedy decoding token for token (tested against the training code):
            logits = Head(Norm(Coda(C h_T)))          (h_T: the ACT-weighted state with ACT)
 
 Blocks are pre-norm (RMSNorm -> attention with RoPE (rotate-half), GQA, optional parameter-free
-QK-norm and a value embedding added to V -> residual; RMSNorm -> SwiGLU or ReLU^2 -> residual).
+QK-norm and a value embedding added to V -> residual; RMSNorm -> SwiGLU or ReLU^2 -> residual);
+with ``moe_num_experts > 0`` the RDT core's FFN is a mixture of experts (``MythosMoE``).
 
 **Loops.** ``config.num_loops`` is the default; ``forward(..., num_loops=T)`` and
 ``generate(..., num_loops=T)`` override it. Keep it fixed while decoding with one cache.
@@ -40,8 +41,8 @@ left-padded batch generates what each prompt generates alone (tested). Without z
 mask, attention takes mythos' own path.
 
 Long because the exported directory must be one self-contained file (remote code next to its
-config): every block option, the three injections, ACT, the KV-cache view and the per-row
-adaptive exit live here, mirroring mythos op for op.
+config): every block option, the MoE FFN, the three injections, ACT, the KV-cache view and the
+per-row adaptive exit live here, mirroring mythos op for op.
 
 Training-time parts of mythos (sampled per-sequence loop counts, truncated backprop, noise
 ``h_0``) are not part of this file: ``forward`` with ``labels`` runs ``num_loops`` iterations
@@ -204,6 +205,42 @@ class MythosMLP(nn.Module):
         return self.down_proj(h, loop_idx)
 
 
+class MythosMoE(nn.Module):
+    """The core's mixture-of-experts FFN (``moe_num_experts > 0``): a softmax router (fp32) picks
+    ``moe_top_k`` experts per token, their outputs are mixed by the renormalised router weights,
+    plus ``moe_num_shared`` always-on experts fused into one MLP. Experts carry no LoRA. Tokens
+    are dispatched by sorting on expert id, as in training, so the sums run in the same order."""
+
+    def __init__(self, config: MythosConfig) -> None:
+        super().__init__()
+        d, hidden, kind = config.hidden_size, config.moe_intermediate_size, config.mlp
+        self.num_experts, self.top_k = config.moe_num_experts, config.moe_top_k
+        self.router = nn.Linear(d, self.num_experts, bias=False)
+        self.experts = nn.ModuleList(MythosMLP(d, hidden, kind, (0, 0, 16.0)) for _ in range(self.num_experts))
+        n_shared = config.moe_num_shared
+        self.shared = MythosMLP(d, hidden * n_shared, kind, (0, 0, 16.0)) if n_shared else None
+
+    def forward(self, x: Tensor, loop_idx: int | None = None) -> Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        probs = F.softmax(self.router(flat).float(), dim=-1)  # [N, E]
+        weight, expert = probs.topk(self.top_k, dim=-1)  # [N, k]
+        weight = (weight / weight.sum(-1, keepdim=True)).to(x.dtype)
+        order = expert.flatten().argsort(stable=True)
+        counts = torch.bincount(expert.flatten(), minlength=self.num_experts)
+        token_of = order // self.top_k
+        out = torch.zeros_like(flat)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            idx = token_of[start : start + n]
+            w = weight.flatten()[order[start : start + n]].unsqueeze(-1)
+            out.index_add_(0, idx, self.experts[e](flat[idx]) * w)
+            start += n
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(b, s, d)
+
+
 class MythosAttention(nn.Module):
     """Causal attention: GQA, RoPE, optional QK-norm, optional value embedding added to V."""
 
@@ -253,13 +290,14 @@ class MythosAttention(nn.Module):
 class MythosBlock(nn.Module):
     """Pre-norm block: ``x + Attn(Norm(x))``, then ``+ MLP(Norm(x))``."""
 
-    def __init__(self, config: MythosConfig, lora_rank: int = 0) -> None:
+    def __init__(self, config: MythosConfig, lora_rank: int = 0, moe: bool = False) -> None:
         super().__init__()
         lora = (lora_rank, config.lora_max_iters, config.lora_alpha)
         self.attn_norm = MythosRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = MythosAttention(config, lora)
         self.mlp_norm = MythosRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MythosMLP(config.hidden_size, config.intermediate_size, config.mlp, lora)
+        self.mlp: nn.Module = MythosMoE(config) if moe else MythosMLP(
+            config.hidden_size, config.intermediate_size, config.mlp, lora)
 
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, value_embed: Tensor | None,
                 loop_idx: int | None, kv: _CacheView | None, slot: int) -> Tensor:
@@ -378,7 +416,7 @@ class MythosModel(MythosPreTrainedModel):
             self.prelude_norm = MythosRMSNorm(d, c.rms_norm_eps)
             injections = {"lti": MythosLTIInjection, "concat": MythosConcatInjection}
             self.injection = injections[c.injection](d) if c.injection in injections else MythosAdditiveInjection()
-            self.core = nn.ModuleList(MythosBlock(c, c.lora_rank) for _ in range(c.n_core))
+            self.core = nn.ModuleList(MythosBlock(c, c.lora_rank, moe=c.moe_num_experts > 0) for _ in range(c.n_core))
             self.readout = nn.Linear(d, d, bias=False)
             self.coda = nn.ModuleList(MythosBlock(c) for _ in range(c.n_coda))
             self.loop_embed = nn.Embedding(c.loop_embed_size, d) if c.loop_embed else None
