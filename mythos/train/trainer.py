@@ -5,7 +5,7 @@ Start-up (``__init__``), in this order so that bad input fails before any proces
     plan     resume point (a checkpoint of another world size is converted here), config checks
     group    process group; model built identically on every rank; DeepSpeed engine (engine.py)
     data     loader (RDT: loop layout, loop_layout.py), val loader, data fingerprint
-    resume   engine + loader + counters from the checkpoint; provenance files (provenance.py)
+    resume   engine + checkpointed components (state.py) from the checkpoint; provenance files
 
 One optimizer step (``fit``)::
 
@@ -14,7 +14,7 @@ One optimizer step (``fit``)::
             -> token-weighted scale, agreed stop, consumed-data record (audit.py)
     micro   forward/backward x accum (RDT: each sample's T and h0 from (seed, step, position))
     guard   all-reduce [ce sum, non-finite flag]  -> exact step loss; skip bad updates
-    step    engine.step() (lr set from the step first), then log / eval / save as due
+    step    engine.step() (lr set from the step first), then log / eval / save, each when its own ``due``
 
 Two small all-reduces per step are the only host syncs; metric tensors are read on log steps only.
 Throughput / MFU bookkeeping lives in throughput.py.
