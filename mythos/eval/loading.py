@@ -27,8 +27,7 @@ from mythos.ds_checkpoint import consolidate_deepspeed
 from mythos.model.base import CausalLM
 from mythos.model.build import build_model
 from mythos.model.config import ModelConfig
-from mythos.run_dir import RESOLVED_CONFIG, RUN_INFO
-from mythos.train import checkpoint as ckpt
+from mythos.run_dir import RESOLVED_CONFIG, RUN_INFO, read_marker
 from mythos.train.config import RunConfig, load_run_config
 from mythos.train.provenance import section_hash
 from mythos.weights import load_config_of, load_consolidated
@@ -103,7 +102,7 @@ def load_run(
         model = load_consolidated(path, device=device)
     else:
         # the COMPLETE marker names the model that wrote the tag: refuse before merging any shard
-        written_by = (ckpt.read_marker(path) or {}).get("model_hash")
+        written_by = (read_marker(path) or {}).get("model_hash")
         if written_by is not None and written_by != section_hash(cfg.model):
             raise ConfigError(f"checkpoint {path} does not match {run_dir / RESOLVED_CONFIG}'s model (written by model "
                               f"{written_by}, the run's is {section_hash(cfg.model)}); pass --run the run it came from")

@@ -51,10 +51,9 @@ from typing import Any
 from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
 from mythos.config import ConfigError
 from mythos.io import atomic_write, atomic_write_text
-from mythos.tools.runs import (  # noqa: F401 - re-exported: the reading and checking API users know from here
+from mythos.tools.runs import (
     CompareError,
     Run,
-    Segment,
     budget_check,
     data_check,
     elapsed,

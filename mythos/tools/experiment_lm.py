@@ -1,7 +1,7 @@
 """The language-modelling half of the experiment report: is the analogue a scale model of the
 cluster pair, and how do RDT and dense compare at matched compute and matched tokens, per size?
 
-Pure functions of runs and plans (``mythos.tools.compare.Run``, ``mythos.tools.plan`` plan.json), used by
+Pure functions of runs and plans (``mythos.tools.runs.Run``, ``mythos.tools.plan`` plan.json), used by
 :mod:`mythos.tools.experiment_report`, which writes the markdown and the plots.
 
 - :func:`ratio_table`: :func:`mythos.accounting.pair_ratios` of the cluster pair and of every

@@ -2,7 +2,7 @@
 dense baselines, one run per seed each), checked to share one test set, summarised per row
 (adaptive exit, fixed T, the oracle T = hops + 1) and rendered as report.md lines.
 
-Pure functions of runs (``mythos.tools.compare.Run`` with ``eval/results.json``'s ``multihop`` section,
+Pure functions of runs (``mythos.tools.runs.Run`` with ``eval/results.json``'s ``multihop`` section,
 ``mythos-eval --multihop``), used by :mod:`mythos.tools.experiment_report`.
 """
 
@@ -12,10 +12,10 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from mythos.tools.compare import CompareError, Run, fmt_cell, load_run
 from mythos.tools.experiment_lm import ARMS, check_arms
 from mythos.tools.experiment_lm import seed_of as _seed
 from mythos.tools.experiment_lm import stats as _stats
+from mythos.tools.runs import CompareError, Run, fmt_cell, load_run
 
 
 def _mh(run: Run) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mythos.tools.compare import Run, pyplot, save_png
+from mythos.tools.compare import pyplot, save_png
+from mythos.tools.runs import Run
 
 COLORS = {"a": "tab:blue", "b": "tab:orange"}
 SMOOTH_POINTS = 25

@@ -9,7 +9,7 @@ An LM *comparison* is one RDT arm against one dense arm (one run per seed, same 
 one plan (``mythos-plan``'s plan.json: a size and a matching, ``compute`` or ``tokens``); repeat
 ``--lm-a/--lm-b/--plan`` for every size x matching (`make experiment`: two sizes, both
 matchings, the RDT runs shared by a size's two comparisons). Matched compute is the headline.
-**Identical data is checked, not assumed** (:func:`mythos.tools.compare.data_check`, each a-run against
+**Identical data is checked, not assumed** (:func:`mythos.tools.runs.data_check`, each a-run against
 the b-run of its index and every run against its arm's first): a data difference, a differing
 seed (``train.seed`` in ``config.resolved.yaml``), a run that trained other tokens than its plan,
 or a differing multi-hop test set is refused (exit 2, one line).
@@ -39,7 +39,6 @@ from typing import Any
 from mythos.cli_common import ArgumentParser, fail, prepare_out_dir
 from mythos.config import ConfigError
 from mythos.io import atomic_write_text
-from mythos.tools.compare import fmt_cell
 from mythos.tools.experiment_lm import ARMS, check_arms, comparison, loop_use, ratio_table, run_model_config, trend
 from mythos.tools.experiment_multihop import (
     load_multihop_arms,
@@ -48,7 +47,7 @@ from mythos.tools.experiment_multihop import (
     multihop_summary,
 )
 from mythos.tools.experiment_plots import plot_loops, plot_loss, plot_multihop, plot_scaling
-from mythos.tools.runs import CompareError, Run, budget_check, load_run
+from mythos.tools.runs import CompareError, Run, budget_check, fmt_cell, load_run
 
 # ---------------------------------------------------------------------------------------------
 # LM sections of report.md
@@ -226,7 +225,7 @@ def write_report(out: Path, lm: dict[str, Any], mh: dict[str, Any] | None, data_
                   + "; arm b " + ", ".join(f"`{p}`" for p in c["b"]["runs"])]
     if mh:
         lines += [f"- Multi-hop runs, arm {k}: " + ", ".join(f"`{p}`" for p in mh[k]["runs"]) for k in mh["arms"]]
-    lines += ["- Data checks (mythos.tools.compare.data_check), all passed:", *(f"  - {ln}" for ln in data_lines), ""]
+    lines += ["- Data checks (mythos.tools.runs.data_check), all passed:", *(f"  - {ln}" for ln in data_lines), ""]
     lines += _lm_lines(lm)
     if mh:
         lines += multihop_lines(mh)

@@ -62,9 +62,8 @@ import torch
 from mythos import dist
 from mythos.config import ConfigError
 from mythos.io import atomic_torch_save, atomic_write_text
-from mythos.run_dir import (  # noqa: F401 - the tag rules live with the run-dir names; re-exported here
+from mythos.run_dir import (
     COMPLETE,
-    TAG_RE,
     is_complete,
     list_tags,
     read_marker,

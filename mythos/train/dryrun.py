@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mythos.config import ConfigError, dump_yaml
-from mythos.run_dir import checkpoints
+from mythos.run_dir import checkpoints, read_marker
 from mythos.train.config import RunConfig, WandbConfig, load_run_config
 
 #: Defaults of the plan's hardware assumptions (H100 SXM dense bf16; a typical large-run MFU).
@@ -121,7 +121,7 @@ def check_resume(cfg: RunConfig, world: int, data_ok: bool = True) -> str:
             fingerprint = loader.fingerprint()
         finally:
             loader.close()
-    ckpt.check_identity(ckpt.read_marker(rp.path) or {}, rp.path, model_hash=section_hash(cfg.model),
+    ckpt.check_identity(read_marker(rp.path) or {}, rp.path, model_hash=section_hash(cfg.model),
                         data_fingerprint=fingerprint, require=False)
     same = "same model and data" if fingerprint else "same model (data unchecked: see the data check)"
     if rp.universal:

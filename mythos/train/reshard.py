@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mythos.config import ConfigError
+from mythos.run_dir import COMPLETE, is_complete, list_tags
 from mythos.train import checkpoint as ckpt
 
 UNIVERSAL = ckpt.UNIVERSAL
@@ -80,7 +81,7 @@ def saved_world_size(tag_dir: Path) -> int:
     """The world size that wrote ``tag_dir``: the ``COMPLETE`` marker records it; checkpoints
     from before that fall back to the number of ZeRO shards (1 without shards)."""
     try:
-        return int(json.loads((tag_dir / ckpt.COMPLETE).read_text())["world_size"])
+        return int(json.loads((tag_dir / COMPLETE).read_text())["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return max(len(shard_ranks(tag_dir)), 1)
 
@@ -109,7 +110,7 @@ def choose_checkpoint(ckpt_root: Path, resume: str, rank: int, verify: str = "sh
                               f"or auto)")
         return path
     bad: list[tuple[Path, str]] = []
-    for _, tag in reversed(ckpt.list_tags(ckpt_root)):
+    for _, tag in reversed(list_tags(ckpt_root)):
         if not tag.is_dir():  # rank 0 moved it aside meanwhile: it failed there, as it would here
             continue
         problem = ckpt.verify(tag, checksum)
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4, help="converter worker processes")
     args = p.parse_args(argv)
     tag = Path(args.checkpoint)
-    if not ckpt.is_complete(tag):
-        print(f"error: {tag} is not a complete checkpoint (no {ckpt.COMPLETE} marker)", file=sys.stderr)
+    if not is_complete(tag):
+        print(f"error: {tag} is not a complete checkpoint (no {COMPLETE} marker)", file=sys.stderr)
         return 2
     if not shard_ranks(tag):
         print(f"{tag} has no ZeRO shards: it loads on any world size as it is")

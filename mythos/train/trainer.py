@@ -36,7 +36,7 @@ from mythos.data import IGNORE_INDEX, build_train_loader, build_val_loader
 from mythos.data.order import Position
 from mythos.model import build_model
 from mythos.model.loops import executed_loops
-from mythos.run_dir import ROLLBACKS, checkpoints
+from mythos.run_dir import ROLLBACKS, checkpoints, list_tags, read_marker
 from mythos.train import checkpoint as ckpt
 from mythos.train import reshard
 from mythos.train.audit import ConsumedRecord, SampleLog, ids_checksum, install_forward_fault
@@ -99,7 +99,7 @@ class Trainer:
                                                t.global_batch_size, t.micro_batch_size)
         self.plan = check_run(cfg, info.world_size)
         if self.resume_plan is not None:  # another model: refused before converting or loading anything
-            ckpt.check_identity(ckpt.read_marker(self.resume_plan.path) or {}, self.resume_plan.path,
+            ckpt.check_identity(read_marker(self.resume_plan.path) or {}, self.resume_plan.path,
                                 model_hash=section_hash(cfg.model), data_fingerprint=None, require=False)
         reshard.ensure_universal(self.resume_plan, info.rank, t.dist_timeout_s)
 
@@ -381,7 +381,7 @@ class Trainer:
     def _stop_on_bad_streak(self) -> None:
         """``TrainingStopped`` after ``train.max_bad_steps`` non-finite steps in a row."""
         if self.bad_streak >= (t := self.cfg.train).max_bad_steps:
-            where = last[-1][1] if (last := ckpt.list_tags(self.ckpt_root)) else "none yet"
+            where = last[-1][1] if (last := list_tags(self.ckpt_root)) else "none yet"
             raise TrainingStopped(
                 f"stopping: {self.bad_streak} consecutive steps with a non-finite loss (train.max_bad_steps="
                 f"{t.max_bad_steps}); last good checkpoint: {where}; lower optim.lr or check the data"

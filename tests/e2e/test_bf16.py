@@ -15,7 +15,7 @@ import pytest
 import torch
 from train_utils import REPO, metrics, run_training, train_losses
 
-from mythos.train import checkpoint as ckpt
+from mythos.run_dir import list_tags
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_nan_guard_catches_an_inf_inside_the_bf16_forward(shards: Path, tmp_path
     assert m[1]["train/bad_steps"] == 0 and m[3]["train/bad_steps"] == 2 and m[3]["train/skipped_updates"] == 2
     assert m[2]["train/loss"] != m[2]["train/loss"]  # the step's loss really was non-finite
     assert m[4]["train/bad_steps"] == 2 and m[4]["train/loss"] == m[4]["train/loss"]  # step 4 is clean again
-    tags = dict(ckpt.list_tags(run / "checkpoints"))
+    tags = dict(list_tags(run / "checkpoints"))
     w1, w3, w4 = (_weights(tags[s]) for s in (1, 3, 4))
     assert all(torch.equal(w1[k], w3[k]) for k in w1)  # bad updates skipped
     assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # the good step updated

@@ -18,6 +18,7 @@ import torch
 from train_utils import kill_group, metrics, run_training, start_training, train_losses, wait_for_step
 
 from mythos.config import ConfigError
+from mythos.run_dir import COMPLETE, list_tags
 from mythos.train import checkpoint as ckpt
 from mythos.train import reshard
 
@@ -75,7 +76,7 @@ def test_disk_full_during_a_save_is_one_line_cleans_the_partial_tag_keeps_the_re
     """Issue 24: a full disk ended in ``enforce fail at inline_container.cc`` and left a partial tag."""
     root = tiny_disk / "checkpoints"
     ckpt.save(TorchSavingEngine(), root, 3, {"model_hash": "m", "data_fingerprint": "d"}, keep_last=5)
-    assert [s for s, _ in ckpt.list_tags(root)] == [3]
+    assert [s for s, _ in list_tags(root)] == [3]
     free = shutil.disk_usage(tiny_disk).free
     (tiny_disk / "filler").write_bytes(b"x" * (free - 100_000))  # room for less than one more checkpoint
     with pytest.raises(ckpt.StorageFullError) as err:
@@ -101,7 +102,7 @@ def test_disk_full_during_a_save_is_one_line_cleans_the_partial_tag_keeps_the_re
 def test_complete_marker_records_sizes_checksums_and_identity(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     _save(root, 2)
-    marker = json.loads((root / "step0000002" / ckpt.COMPLETE).read_text())
+    marker = json.loads((root / "step0000002" / COMPLETE).read_text())
     files = marker["files"]
     assert set(files) == {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt"}
     for rel, rec in files.items():
@@ -128,7 +129,7 @@ def test_truncated_newest_checkpoint_is_skipped_reported_and_kept(tmp_path: Path
     assert err[0].endswith(kept[0].name)
     # the resumed run saves step 4 again: a fresh directory; retention never counts or deletes the kept one
     _save(root, 4, 6, 8, keep_last=2)
-    assert [s for s, _ in ckpt.list_tags(root)] == [6, 8] and kept[0].is_dir()
+    assert [s for s, _ in list_tags(root)] == [6, 8] and kept[0].is_dir()
     assert _plan(root).path == root / "step0000008"
 
 
@@ -161,7 +162,7 @@ def test_markers_without_records_are_trusted_as_before(tmp_path: Path) -> None:
     tag = tmp_path / "checkpoints" / "step0000004"
     tag.mkdir(parents=True)
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
-    (tag / ckpt.COMPLETE).write_text(json.dumps({"step": 4, "world_size": 1}))
+    (tag / COMPLETE).write_text(json.dumps({"step": 4, "world_size": 1}))
     assert _plan(tmp_path / "checkpoints").path == tag
 
 
@@ -222,7 +223,7 @@ def test_corrupt_newest_checkpoint_resumes_from_previous_bit_identically(shards:
     proc = start_training(RDT, run_dir, shards, args)
     wait_for_step(run_dir, 7, proc)  # checkpoint 6 is complete
     kill_group(proc, signal.SIGKILL)
-    tags = ckpt.list_tags(run_dir / "checkpoints")
+    tags = list_tags(run_dir / "checkpoints")
     assert len(tags) >= 2 and tags[-1][0] >= 6, tags
     bad, good = tags[-1][1], tags[-2][1]
     victim = bad / "mp_rank_00_model_states.pt"
@@ -239,7 +240,7 @@ def test_corrupt_newest_checkpoint_resumes_from_previous_bit_identically(shards:
     assert train_losses(run_dir) == train_losses(ref_dir)
     kept = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(f"{bad.name}.corrupt-")]
     assert len(kept) == 1 and (kept[0] / victim.name).stat().st_size == size // 2
-    assert [s for s, _ in ckpt.list_tags(run_dir / "checkpoints")] == [18, 20]  # keep_last=2 as usual
+    assert [s for s, _ in list_tags(run_dir / "checkpoints")] == [18, 20]  # keep_last=2 as usual
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +270,7 @@ def test_resume_after_model_or_data_change_is_one_line_exit_2(short_run: Path, s
     assert proc.returncode == 2, out[-3000:]
     assert len(errors) == 1 and message in errors.pop(), out[-3000:]  # both ranks: the same one line
     assert "Traceback" not in out, out[-3000:]
-    assert [s for s, _ in ckpt.list_tags(run / "checkpoints")] == [2]
+    assert [s for s, _ in list_tags(run / "checkpoints")] == [2]
 
 
 @pytest.mark.slow
@@ -282,7 +283,7 @@ def test_zero0_nan_guard_skips_the_update(shards: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     m = {r["step"]: r for r in metrics(run) if "train/loss" in r}
     assert m[2]["train/skipped_updates"] == 1 and m[3]["train/skipped_updates"] == 1 and m[1]["train/bad_steps"] == 0
-    tags = dict(ckpt.list_tags(run / "checkpoints"))
+    tags = dict(list_tags(run / "checkpoints"))
     w = {s: torch.load(tags[s] / "mp_rank_00_model_states.pt", weights_only=False)["module"] for s in (1, 2, 3)}
     assert all(torch.equal(w[1][k], w[2][k]) for k in w[1])  # step 2's update was skipped
     assert not all(torch.equal(w[2][k], w[3][k]) for k in w[2])  # step 3's was not

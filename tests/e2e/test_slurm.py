@@ -20,7 +20,7 @@ import pytest
 from slurm_utils import LocalSlurm
 from train_utils import REPO, TINY, run_training, train_losses
 
-from mythos.train import checkpoint as ckpt
+from mythos.run_dir import is_complete, list_tags
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ def test_two_node_job_trains_and_checkpoints(reference: tuple[Path, Path]) -> No
     run_dir, log = reference
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["total_steps"] == STEPS
-    tags = ckpt.list_tags(run_dir / "checkpoints")
-    assert tags and tags[-1][0] == STEPS and ckpt.is_complete(tags[-1][1])
+    tags = list_tags(run_dir / "checkpoints")
+    assert tags and tags[-1][0] == STEPS and is_complete(tags[-1][1])
     assert sorted(train_losses(run_dir)) == list(range(1, STEPS + 1))
     text = log.read_text()
     # one rank per node, each line prefixed with node:rank
@@ -109,7 +109,7 @@ def test_time_limit_warning_and_preemption_resume_exactly(
     _wait_step(slurm_cluster, job_id, run_dir, log, step=3, restarts=1)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     _wait_step(slurm_cluster, job_id, run_dir, log, step=12, restarts=2)
-    stopped_at = [s for s, _ in ckpt.list_tags(run_dir / "checkpoints")]
+    stopped_at = [s for s, _ in list_tags(run_dir / "checkpoints")]
     slurm_cluster.run("scontrol", "requeue", job_id)
     info = slurm_cluster.wait_done(job_id, log)
 

@@ -25,8 +25,9 @@ from train_utils import (
     wait_for_step,
 )
 
-from mythos.tools.compare import load_run, summarize
-from mythos.train import checkpoint as ckpt
+from mythos.run_dir import is_complete, list_tags
+from mythos.tools.compare import summarize
+from mythos.tools.runs import load_run
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_zero2_runs_write_everything_a_user_needs(zero2_runs: dict[str, Path]) -
         assert (run / "config.resolved.yaml").is_file() and (run / "ds_config.json").is_file()
         ds = json.loads((run / "ds_config.json").read_text())
         assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
-        assert [s for s, _ in ckpt.list_tags(run / "checkpoints")] == [2, 4]
+        assert [s for s, _ in list_tags(run / "checkpoints")] == [2, 4]
         acc = EventAccumulator(str(run / "tensorboard"))
         acc.Reload()
         tags = acc.Tags()["scalars"]
@@ -83,7 +84,7 @@ def test_logged_spectral_radius_is_the_checkpointed_injections(zero2_runs: dict[
 
     run = zero2_runs["rdt"]
     logged = {m["step"]: m["rdt/spectral_radius"] for m in metrics(run) if "rdt/spectral_radius" in m}
-    tags = dict(ckpt.list_tags(run / "checkpoints"))
+    tags = dict(list_tags(run / "checkpoints"))
     for step in (2, 4):
         w = _weights(tags[step])
         a_log, dt_bias = w["injection.A_log"], w["injection.dt_bias"]
@@ -165,7 +166,7 @@ def test_exact_resume_after_sigkill_and_signal(shards: Path, tmp_path: Path) -> 
     proc = start_training(RDT, run_dir, shards, args)
     wait_for_step(run_dir, 5, proc)  # checkpoint 3 is complete, step 5 logged
     kill_group(proc, signal.SIGKILL)
-    assert [s for s, _ in ckpt.list_tags(run_dir / "checkpoints")][-1] in (3, 6)
+    assert [s for s, _ in list_tags(run_dir / "checkpoints")][-1] in (3, 6)
 
     proc = start_training(RDT, run_dir, shards, args)
     wait_for_step(run_dir, 7, proc)
@@ -177,8 +178,8 @@ def test_exact_resume_after_sigkill_and_signal(shards: Path, tmp_path: Path) -> 
     resumed = [ln for ln in out.splitlines() if "resumed from" in ln]
     assert len(resumed) == 1 and resumed[0].rstrip().endswith(("at step 3", "at step 6")), resumed
     assert json.loads((run_dir / "run_info.json").read_text())["resumed_from"].endswith(("step0000003", "step0000006"))
-    saved = ckpt.list_tags(run_dir / "checkpoints")[-1]
-    assert 7 <= saved[0] < 20 and ckpt.is_complete(saved[1])
+    saved = list_tags(run_dir / "checkpoints")[-1]
+    assert 7 <= saved[0] < 20 and is_complete(saved[1])
 
     last = run_training(RDT, run_dir, shards, args)
     assert f"resumed from {saved[1]} at step {saved[0]}" in last.stdout
@@ -242,7 +243,7 @@ def test_nan_guard_skips_updates_then_stops(shards: Path, tmp_path: Path) -> Non
     assert m[2]["train/loss"] == m[2]["train/loss"] and m[2]["train/skipped_updates"] == 1  # finite
     assert m[5]["train/bad_steps"] == 4 and m[5]["train/skipped_updates"] == 4
     # the updates of bad steps were skipped: weights after step 2 (good) == after steps 3, 4 (bad)
-    tags = dict(ckpt.list_tags(run / "checkpoints"))
+    tags = dict(list_tags(run / "checkpoints"))
     assert max(tags) == 4
     w2, w4 = _weights(tags[2]), _weights(tags[4])
     assert all(torch.equal(w2[k], w4[k]) for k in w2)

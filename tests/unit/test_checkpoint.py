@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import mythos.io
+from mythos.run_dir import list_tags
 from mythos.train import checkpoint as ckpt
 from mythos.train.config import OptimConfig
 from mythos.train.optim import lr_multiplier
@@ -47,7 +48,7 @@ def test_retention_and_explicit_resume(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     for s in (1, 2, 3, 4):
         ckpt.save(FakeEngine(), root, s, {}, keep_last=2)
-    assert [s for s, _ in ckpt.list_tags(root)] == [3, 4]
+    assert [s for s, _ in list_tags(root)] == [3, 4]
     assert not any(p.name.startswith(".deleting") for p in root.iterdir())
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         ckpt.find_resume(root, str(root / "step0000001"))

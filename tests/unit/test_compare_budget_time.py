@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from mythos.tools.compare import elapsed, load_run, main, segments, summarize
+from mythos.tools.compare import main, summarize
+from mythos.tools.runs import elapsed, load_run, segments
 
 
 def make_run(path: Path, *, steps: int, tokens_per_step: int = 100, flops_per_token: float = 6e3,

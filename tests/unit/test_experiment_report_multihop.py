@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from mythos.tools.compare import CompareError
 from mythos.tools.experiment_multihop import (
     load_multihop_arms,
     multihop_console_lines,
@@ -21,6 +20,7 @@ from mythos.tools.experiment_multihop import (
     multihop_summary,
 )
 from mythos.tools.experiment_plots import plot_multihop
+from mythos.tools.runs import CompareError
 
 HOPS = [str(h) for h in range(1, 9)]
 TRAIN_HOPS = 5

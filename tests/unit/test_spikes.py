@@ -95,15 +95,15 @@ def test_a_rollback_without_a_good_checkpoint_or_past_the_cap_is_one_line(tmp_pa
     flagged step, or train.spike.max_rollbacks used up; one line naming the steps and checkpoint."""
     from types import SimpleNamespace
 
-    from mythos.train import checkpoint as ckpt
+    from mythos.run_dir import COMPLETE, tag_for
     from mythos.train.trainer import Trainer, TrainingStopped
 
     root = tmp_path / "checkpoints"
     for step in (4, 8):  # two complete checkpoints (fake files), one after the spike began
-        tag = root / ckpt.tag_for(step)
+        tag = root / tag_for(step)
         tag.mkdir(parents=True)
         (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
-        (tag / ckpt.COMPLETE).write_text(json.dumps({"step": step}))
+        (tag / COMPLETE).write_text(json.dumps({"step": step}))
     cfg = SimpleNamespace(train=SimpleNamespace(spike=SpikeConfig(action="rollback", max_rollbacks=1)))
     stub = SimpleNamespace(cfg=cfg, spikes=SimpleNamespace(streak=[3, 4, 5]), ckpt_root=root, step=5,
                            rollbacks=RollbackLog(tmp_path, enabled=False, resuming=False))
