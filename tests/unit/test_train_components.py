@@ -13,9 +13,11 @@ import torch
 from mythos.accounting import flops_per_token
 from mythos.model import load_model_config
 from mythos.train.audit import ConsumedRecord, ids_checksum, read_consumed
-from mythos.train.config import load_run_config
+from mythos.train.config import SpikeConfig, load_run_config
 from mythos.train.evaluate import evaluate
 from mythos.train.provenance import git_commit, run_info, section_hash, write_run_files
+from mythos.train.spikes import SpikeDetector
+from mythos.train.state import CLIENT_KEYS, Progress, TrainState
 from mythos.train.throughput import Throughput
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,3 +121,38 @@ def test_evaluate_refuses_an_empty_split_instead_of_logging_zero() -> None:
     cfg = load_model_config("dense-tiny")
     with pytest.raises(ValueError, match="no val tokens"):
         evaluate(lambda *a, **k: None, lambda: iter(()), cfg, torch.device("cpu"))
+
+
+class _Counter:
+    """A stand-in stateful component (the loader's role in these tests)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = int(state.get("n", 0))
+
+
+def test_client_state_is_exactly_the_contract_and_refuses_a_component_outside_it(tmp_path: Path) -> None:
+    """docs/design.md: the client state has exactly ``CLIENT_KEYS``, in that order; a component
+    added without its key in the list is refused at the first save, as is one missing; an older
+    checkpoint without a nested key restores that component's fresh state."""
+    def state(**nested: object) -> TrainState:
+        parts = {"data": _Counter(), "consumed": ConsumedRecord(tmp_path, enabled=False),
+                 "spikes": SpikeDetector(SpikeConfig(action="skip")), **nested}
+        return TrainState(Progress(step=2), {k: v for k, v in parts.items() if v is not None},
+                          model_hash="m", data_fingerprint="f")
+
+    assert tuple(state().state_dict()) == CLIENT_KEYS
+    with pytest.raises(RuntimeError, match="differ from CLIENT_KEYS"):
+        state(ema=_Counter()).state_dict()
+    with pytest.raises(RuntimeError, match="differ from CLIENT_KEYS"):
+        state(spikes=None).state_dict()
+    old = {k: v for k, v in state().state_dict().items() if k != "spikes"}  # before spike handling
+    fresh = state()
+    fresh.nested["spikes"].streak = [7]
+    fresh.load_state_dict(old, Path("step0000002"))
+    assert fresh.nested["spikes"].streak == [] and fresh.progress.step == 2
