@@ -40,8 +40,9 @@ EVAL_RESULTS = Path("eval") / "results.json"
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 EXPORTED_WEIGHTS = "model.safetensors"
-EXPORTED_CONFIG = "config.yaml"  # next to EXPORTED_WEIGHTS: the resolved model config
 """The weights file of an exported (consolidated or Hugging Face) model directory."""
+EXPORTED_CONFIG = "config.yaml"
+"""Next to :data:`EXPORTED_WEIGHTS` in a consolidated directory: the resolved model config."""
 
 TAG_RE = re.compile(r"^step(\d{7,})$")
 

@@ -47,18 +47,26 @@ def save_tensors(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype) 
     atomic_write(path, write)
 
 
-def save_consolidated(model_or_state_dict: nn.Module | Mapping[str, Tensor], cfg: ModelConfig,
-                      out_dir: str | Path) -> Path:
-    """Write ``model.safetensors`` (fp32, wrapper prefixes stripped) and ``config.yaml`` (the
-    resolved ``cfg``) to ``out_dir``; returns it. Checks the keys against ``cfg``'s model so a
-    mismatched config fails here rather than at load time."""
-    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    sd = clean_state_dict(sd)
-    expected = build_model(cfg, device="meta").state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+def matching_state_dict(state_dict: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """``state_dict`` with wrapper prefixes stripped; ``ValueError`` (one line) unless its keys are
+    exactly those of ``cfg``'s model (no silent drops, nothing extra), so a mismatched config
+    fails when weights are written rather than when they are loaded."""
+    sd = clean_state_dict(state_dict)
+    expected = set(build_model(cfg, device="meta").state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise ValueError(f"state dict does not match the {cfg.kind} config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
+    return sd
+
+
+def save_consolidated(model_or_state_dict: nn.Module | Mapping[str, Tensor], cfg: ModelConfig,
+                      out_dir: str | Path) -> Path:
+    """Write ``model.safetensors`` (fp32, wrapper prefixes stripped) and ``config.yaml`` (the
+    resolved ``cfg``) to ``out_dir``; returns it. The keys must match ``cfg``'s model
+    (:func:`matching_state_dict`)."""
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    sd = matching_state_dict(sd, cfg)
     out = Path(out_dir)
     save_tensors(out / EXPORTED_WEIGHTS, sd, torch.float32)
     atomic_write_text(out / EXPORTED_CONFIG, dump_yaml(cfg))

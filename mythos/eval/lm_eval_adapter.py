@@ -97,7 +97,6 @@ class MythosLM(TemplateLM):
     ) -> tuple[torch.device, torch.dtype, str]:
         """``(device, dtype, model kind)``; every check that needs no weights, so bad input fails
         fast with a :class:`ConfigError` (one line) before anything is loaded."""
-
         dev, dt = resolve(device, dtype)
         kind = load_run_config_from_dir(run).model.kind
         if loops is not None and kind != "rdt":
@@ -246,7 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     import lm_eval
     from lm_eval.tasks import TaskManager
-
 
     args: dict[str, Any] = {"run": a.run, "batch_size": a.batch_size}
     if a.checkpoint:

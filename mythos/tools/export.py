@@ -1,8 +1,9 @@
 """Checkpoint export: consolidated fp32 safetensors or a Hugging Face directory, for any model.
 
-- :func:`save_consolidated` / :func:`load_consolidated`: ``model.safetensors`` (fp32, our own
-  parameter names) + ``config.yaml`` (the resolved :class:`ModelConfig`). Works for every model
-  kind and round-trips exactly.
+- the default layout, :func:`mythos.weights.save_consolidated` (read back by
+  :func:`mythos.weights.load_consolidated`): ``model.safetensors`` (fp32, our own parameter names)
+  + ``config.yaml`` (the resolved :class:`ModelConfig`). Works for every model kind and
+  round-trips exactly.
 - :func:`to_hf_llama`: a ``LlamaForCausalLM`` directory (``config.json`` + ``model.safetensors``)
   for a Llama-style dense model, without importing ``transformers``. Our RoPE uses the same
   rotate-half layout as HF Llama (``cat(-x2, x1)`` with ``cos = cat(f, f)``), so q/k projection

@@ -23,6 +23,7 @@ from mythos.data.tokenizer import Tokenizer
 from mythos.ds_checkpoint import consolidate_deepspeed
 from mythos.model import build_model, load_model_config
 from mythos.tools.export import main, to_hf_llama
+from mythos.tools.hf.export import to_hf
 from mythos.weights import load_consolidated, save_consolidated
 
 #: the session-scoped data_corpus (Shakespeare + its BPE tokenizer) and short_runs (real runs)
@@ -118,8 +119,11 @@ def test_consolidated_round_trip_rdt(tmp_path: Path) -> None:
 def test_save_consolidated_rejects_mismatched_config(tmp_path: Path) -> None:
     model = _random_model("dense-tiny", _SMALL)
     other = load_model_config("dense-tiny", [*_SMALL[:-2], "n_layers=3"])
-    with pytest.raises(ValueError, match="does not match"):
-        save_consolidated(model, other, tmp_path)
+    with pytest.raises(ValueError, match="does not match the dense config: missing"):
+        save_consolidated(model, other, tmp_path / "consolidated")
+    with pytest.raises(ValueError, match="does not match the dense config: missing"):  # the same check for --hf
+        to_hf(model, tmp_path / "hf", cfg=other)
+    assert not (tmp_path / "consolidated").exists() and not (tmp_path / "hf").exists()
 
 
 # ----------------------------------------------------------------------------- DeepSpeed CLI

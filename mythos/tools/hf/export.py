@@ -33,9 +33,7 @@ import torch
 from torch import Tensor
 
 from mythos.data.tokenizer import Tokenizer
-from mythos.ds_checkpoint import clean_state_dict
 from mythos.model.base import CausalLM
-from mythos.model.build import build_model
 from mythos.model.config import ModelConfig
 from mythos.tools.hf.files import (
     HF_CONFIG_NAME,
@@ -45,7 +43,7 @@ from mythos.tools.hf.files import (
     write_json,
     write_text,
 )
-from mythos.weights import save_tensors
+from mythos.weights import matching_state_dict, save_tensors
 
 CODE_DIR = Path(__file__).resolve().parent
 HF_CODE_FILES = ("configuration_mythos.py", "modeling_mythos.py")
@@ -163,13 +161,8 @@ def _moe_fields(cfg: ModelConfig) -> dict[str, int]:
 
 def hf_state_dict(state_dict: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Our parameters under ``model.`` (``lm_head.weight`` stays: the untied head). The keys must
-    be exactly those of ``cfg``'s model (no silent drops, nothing extra)."""
-    sd = clean_state_dict(state_dict)
-    expected = set(build_model(cfg, device="meta").state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise ValueError(f"state dict does not match the {cfg.kind} config: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    be exactly those of ``cfg``'s model (:func:`mythos.weights.matching_state_dict`)."""
+    sd = matching_state_dict(state_dict, cfg)
     return {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in sd.items()}
 
 
