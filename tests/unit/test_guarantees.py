@@ -311,3 +311,7 @@ def test_cached_decoding_with_loop_counts_stops_the_batch_at_the_first_converged
         assert model(prompt, cache=KVCache(), loop_counts=counts).aux["loops_run"].item() == 2.0
         model.cfg.early_exit_kl = 1e-12
         assert model(prompt, cache=KVCache(), loop_counts=counts).aux["loops_run"].item() == 6.0
+        # at 2 nats the rows converge at different iterations (KL after iteration 3: 3.6 and 1.8,
+        # after 4: 0.8 and 5.8, after 5: 1.6 and 0.4): the batch waits for both
+        model.cfg.early_exit_kl = 2.0
+        assert model(prompt, cache=KVCache(), loop_counts=counts).aux["loops_run"].item() == 5.0
